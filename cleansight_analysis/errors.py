@@ -1,0 +1,28 @@
+"""Exceptions raised by cleansight-analysis.
+
+Every error the package raises on bad input derives from :class:`CleanSightError` (itself a
+``ValueError``), so callers can catch the whole family at once, and every message names the
+offending value and what would have been accepted.
+"""
+
+from __future__ import annotations
+
+
+class CleanSightError(ValueError):
+    """Base class of every input/configuration error raised by cleansight-analysis."""
+
+
+class UnsupportedModelError(CleanSightError):
+    """The model's architecture has no adapter in this package (see ``SUPPORTED_ARCHITECTURES``)."""
+
+
+class ModelSourceError(CleanSightError):
+    """A model source (registry name, folder or object) cannot be loaded."""
+
+
+class InputError(CleanSightError):
+    """An image, prompt or batch handed to the model is malformed."""
+
+
+class LayerIndexError(CleanSightError, IndexError):
+    """A layer (or head) index is outside the model's range."""

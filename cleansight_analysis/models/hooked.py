@@ -1,0 +1,330 @@
+"""``HookedLVLM``: a LLaVA-style model wrapped by TransformerLens' ``TransformerBridge``.
+
+The bridge replaces each language-model attention module in place with one that recomputes
+attention eagerly and exposes hook points (``blocks.{l}.attn.hook_pattern``, ``hook_attn_scores``,
+``hook_z`` = input of ``o_proj`` split by head, ...). Calling the wrapped HF model therefore fires
+those hooks, so we keep HF's own forward and ``generate`` (cache, positions, image merging) and add
+hooks around them: prefill and every decode step see the same edits.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from ..attention.rows import AttentionRows, HookSpec, RowRecorder, StopForward
+from ..errors import InputError, LayerIndexError
+from ..inputs.batch import Batch, prepare_batch
+from ..inputs.templates import LLAVA_SYSTEM_PROMPT
+from .families import ModelFamily
+
+_DEFAULT: Any = object()
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass
+class Generation:
+    """Result of :meth:`HookedLVLM.generate`.
+
+    Attributes:
+        sequences: ``[B, T + n]`` prompt ids followed by the new tokens.
+        tokens: ``[B, n]`` new tokens only (``pad_token_id`` after a sample's EOS).
+        texts: decoded new tokens, special tokens removed.
+        n_tokens: ``[B]`` new tokens up to and including EOS.
+        rows: attention rows of every decoding query when requested (``[B, n, L, H, K]``).
+    """
+
+    sequences: torch.Tensor
+    tokens: torch.Tensor
+    texts: list[str]
+    n_tokens: torch.Tensor
+    rows: AttentionRows | None = None
+
+
+class HookedLVLM:
+    """A hooked LLaVA-style LVLM. Build one with :func:`cleansight_analysis.load_lvlm`.
+
+    Attributes:
+        bridge: the ``TransformerBridge`` (``bridge.hooks(...)``, ``run_with_cache``, hook names).
+        processor: the HF processor used by :meth:`prepare`.
+        family: the architecture adapter (:class:`ModelFamily`).
+        name: where the model came from (registry name, folder or ``"<in-memory>"``).
+        system_prompt: default system message of :meth:`prepare`.
+    """
+
+    def __init__(self, bridge: Any, processor: Any, family: ModelFamily, *, name: str,
+                 system_prompt: str | None = LLAVA_SYSTEM_PROMPT):
+        self.bridge = bridge
+        self.processor = processor
+        self.family = family
+        self.name = name
+        self.system_prompt = system_prompt
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def hf_model(self) -> torch.nn.Module:
+        """The wrapped HF model (its attention modules are the bridge's)."""
+        return self.bridge.original_model
+
+    @property
+    def config(self) -> Any:
+        return self.hf_model.config
+
+    @property
+    def text_config(self) -> Any:
+        return self.config.text_config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return int(getattr(self.text_config, "num_key_value_heads", None) or self.n_heads)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf_model.parameters()).dtype
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def __repr__(self) -> str:
+        return (f"HookedLVLM(name={self.name!r}, architecture={self.family.architecture}, layers={self.n_layers}, "
+                f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, device={self.device}, dtype={self.dtype})")
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def hook_name(layer: int, hook: str = "pattern") -> str:
+        """Bridge hook name of an LM attention hook, e.g. ``hook_name(3, "z") == "blocks.3.attn.hook_z"``."""
+        return f"blocks.{layer}.attn.hook_{hook}"
+
+    def lm_hooks(self, hook: str, fn: Any, layers: int | Sequence[int] | None = None) -> list[HookSpec]:
+        """``[(name, fn)]`` for one attention hook in chosen LM layers (default all).
+
+        Use this rather than a name filter such as ``n.endswith("hook_pattern")``, which would also
+        match the vision tower's attention hooks.
+        """
+        return [(self.hook_name(layer, hook), fn) for layer in self.check_layers(layers)]
+
+    def check_layers(self, layers: int | Sequence[int] | None) -> list[int]:
+        """Normalise ``layers`` (None = all; negative indices count from the end) or raise."""
+        if layers is None:
+            return list(range(self.n_layers))
+        if isinstance(layers, (int, torch.Tensor)) and not isinstance(layers, bool) and torch.as_tensor(layers).dim() == 0:
+            layers = [int(layers)]
+        out: list[int] = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, (int, torch.Tensor)) or not -self.n_layers <= int(layer) < self.n_layers:
+                raise LayerIndexError(
+                    f"layer {layer!r} is out of range for a model with {self.n_layers} LM layers "
+                    f"(valid: 0..{self.n_layers - 1}, or -{self.n_layers}..-1)"
+                )
+            layer = int(layer) % self.n_layers
+            if layer not in out:
+                out.append(layer)
+        if not out:
+            raise LayerIndexError("layers is empty; pass None for every layer")
+        return out
+
+    @contextmanager
+    def hooks(self, hooks: Sequence[HookSpec] = ()) -> Iterator["HookedLVLM"]:
+        """Context manager adding TransformerLens-style ``(name_or_filter, fn)`` forward hooks."""
+        with self.bridge.hooks(fwd_hooks=list(hooks)):
+            yield self
+
+    @staticmethod
+    def _check_batch(batch: Any) -> None:
+        if not isinstance(batch, Batch):
+            raise InputError(f"expected a Batch from HookedLVLM.prepare(), got {type(batch).__name__}")
+
+    def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        self._check_batch(batch)
+        return batch.to(self.device, self.dtype).model_inputs()
+
+    # ------------------------------------------------------------------ inputs
+    def prepare(self, images: Any, prompts: str | Sequence[str], *, chat_template: bool = True,
+                system_prompt: str | None = _DEFAULT, padding_side: str = "left") -> Batch:
+        """Turn images and prompts into a :class:`Batch` with per-sample token groups.
+
+        Args:
+            images: one entry per prompt: an image (PIL, path, array ``[H, W, C]``, tensor
+                ``[C, H, W]``) or a list of images for a sample with several images.
+            prompts: one string per sample (a single string is shared by every image entry).
+            chat_template: wrap prompts in the chat template (LLaVA-1.5 style for the tiny models, the
+                processor's own for real models). ``False``: prompts are used verbatim and must contain
+                one image placeholder (``<image>``) per image.
+            system_prompt: system message; defaults to :attr:`system_prompt` (LLaVA-1.5's). ``None``: none.
+            padding_side: ``"left"`` (needed for generation) or ``"right"``.
+
+        Returns:
+            :class:`Batch` with ``input_ids`` ``[B, T]``, ``attention_mask`` ``[B, T]``, ``pixel_values``
+            and ``groups`` (one :class:`TokenGroups` per sample).
+        """
+        system = self.system_prompt if system_prompt is _DEFAULT else system_prompt
+        return prepare_batch(self.processor, self.family, self.config, images, prompts,
+                             chat_template=chat_template, system_prompt=system, padding_side=padding_side)
+
+    def processed_image(self, batch: Batch, index: int = 0) -> "np.ndarray":
+        """The ``index``-th image as the vision tower saw it: ``[H, W, 3]`` uint8 (normalisation undone).
+
+        Its pixels line up with :attr:`ImageTokens.grid` (for LLaVA-NeXT: the ``base`` crop).
+        """
+        import numpy as np
+
+        pix = batch.pixel_values[index]
+        if pix.dim() == 4:  # LLaVA-NeXT: [patches, 3, h, w]; patch 0 is the whole image
+            pix = pix[0]
+        ip = self.processor.image_processor
+        mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0])[:, None, None]
+        std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]
+        img = (pix.float().cpu() * std + mean).clamp(0, 1)
+        return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    # ------------------------------------------------------------------ forward passes
+    @torch.no_grad()
+    def forward(self, batch: Batch, *, hooks: Sequence[HookSpec] = (), logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[B, T, V]`` (or ``[B, logits_to_keep, V]``) with ``hooks`` active."""
+        with self.hooks(hooks):
+            out = self.hf_model(**self._inputs(batch), use_cache=False, logits_to_keep=logits_to_keep)
+        return out.logits
+
+    def _query_positions(self, batch: Batch, query: Any) -> torch.Tensor:
+        """``[B, Q]`` absolute query positions, validated against the attention mask."""
+        if isinstance(query, str):
+            if query != "last":
+                raise InputError(f"query must be 'last', 'generated', a position or positions; got {query!r}")
+            return batch.query_positions[:, None]
+        q = torch.as_tensor(query, dtype=torch.long)
+        if q.dim() == 0:
+            q = q.expand(len(batch))[:, None]
+        elif q.dim() == 1:
+            q = q[None].expand(len(batch), -1)
+        if q.dim() != 2 or q.shape[0] != len(batch):
+            raise InputError(f"query positions of shape {tuple(q.shape)} do not fit a batch of {len(batch)}")
+        t = batch.seq_len
+        if ((q < -t) | (q >= t)).any():
+            raise InputError(f"query positions {q.tolist()} are outside the sequence (length {t})")
+        q = q % t
+        if not batch.attention_mask.gather(1, q).bool().all():
+            raise InputError(f"query positions {q.tolist()} include padding positions")
+        return q
+
+    @torch.no_grad()
+    def attention_rows(self, batch: Batch, *, layers: int | Sequence[int] | None = None, query: Any = "last",
+                       hooks: Sequence[HookSpec] = (), max_new_tokens: int = 16,
+                       dtype: torch.dtype = torch.float32, early_exit: bool = True) -> AttentionRows:
+        """Post-softmax attention rows of chosen queries, per layer and head.
+
+        Args:
+            batch: from :meth:`prepare`.
+            layers: LM layers (default all).
+            query: ``"last"`` (the last prompt token of each sample), ``"generated"`` (every query
+                of greedy decoding: the last prompt token, then each generated token; runs
+                :meth:`generate` with ``max_new_tokens``), an int position, positions ``[Q]`` shared by
+                every sample, or ``[B, Q]`` per sample (positions index the padded sequence).
+            hooks: extra forward hooks active during the pass (e.g. edits whose effect to measure).
+            dtype: storage dtype of the rows (float16 halves memory for long sequences).
+            early_exit: stop the forward pass once the deepest requested layer's pattern is recorded
+                (nothing after it can change the rows); ``False`` runs the whole model.
+
+        Returns:
+            :class:`AttentionRows` with ``values`` ``[B, L, H, K]`` for ``"last"`` or an int, else
+            ``[B, Q, L, H, K]``. Only these rows are kept; no ``[L, H, T, T]`` cache is built.
+        """
+        self._check_batch(batch)
+        layer_list = self.check_layers(layers)
+        if isinstance(query, str) and query == "generated":
+            gen = self.generate(batch, max_new_tokens=max_new_tokens, hooks=hooks, record_rows=layer_list,
+                                rows_dtype=dtype)
+            assert gen.rows is not None
+            return gen.rows
+        qpos = self._query_positions(batch, query)
+        recorder = RowRecorder(layer_list, qpos, dtype=dtype, stop_after=early_exit)
+        try:
+            with self.hooks([*hooks, *recorder.hooks()]):
+                self.hf_model(**self._inputs(batch), use_cache=False, logits_to_keep=1)
+        except StopForward:
+            pass
+        values = recorder.stacked()  # [B, Q, L, H, K]
+        if isinstance(query, str) or torch.as_tensor(query).dim() == 0:
+            values, qpos = values[:, 0], qpos[:, 0]
+        return AttentionRows(values, tuple(layer_list), qpos, list(batch.groups),
+                             meta={"query": query if isinstance(query, str) else "positions"})
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, *, max_new_tokens: int = 64, hooks: Sequence[HookSpec] = (),
+                 record_rows: bool | int | Sequence[int] = False, rows_dtype: torch.dtype = torch.float32,
+                 stop_at_eos: bool = True) -> Generation:
+        """Greedy decoding with ``hooks`` active at prefill and at every decode step.
+
+        Hooks see ``hook_pattern`` / ``hook_attn_scores`` as ``[B, H, Q, K]`` with ``Q = T`` at prefill
+        and ``Q = 1`` afterwards; the queries are always the last ``Q`` of the ``K`` positions, and key
+        positions never move (the KV cache keeps every token), so a key mask computed on the
+        prompt's positions stays valid for the whole generation.
+
+        Args:
+            batch: from :meth:`prepare` with ``padding_side="left"``.
+            max_new_tokens: tokens to decode (default 64, as in the paper).
+            hooks: ``(name_or_filter, fn)`` forward hooks.
+            record_rows: ``True`` (every layer) or layers whose rows of every decoding query to keep.
+            stop_at_eos: stop a sample at EOS (later tokens are padding).
+        """
+        self._check_batch(batch)
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if batch.padding_side != "left" and not bool(batch.attention_mask[:, -1].all()):
+            raise InputError("generation needs left padding: prepare(..., padding_side='left')")
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        eos = tok.eos_token_id if stop_at_eos else None
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  eos_token_id=eos, pad_token_id=pad, bos_token_id=tok.bos_token_id)
+        recorder = None
+        all_hooks = list(hooks)
+        if record_rows is not False:
+            layer_list = self.check_layers(None if record_rows is True else record_rows)
+            recorder = RowRecorder(layer_list, None, dtype=rows_dtype)
+            all_hooks += recorder.hooks()
+        with self.hooks(all_hooks):
+            sequences = self.hf_model.generate(**self._inputs(batch), generation_config=config, use_cache=True)
+        sequences = sequences.cpu()
+        new = sequences[:, batch.seq_len:]
+        if eos is not None:
+            is_eos = new == eos
+            ended = is_eos.cumsum(1) > 0
+            after = torch.cat([torch.zeros_like(ended[:, :1]), ended[:, :-1]], 1)  # strictly after EOS
+            new = new.masked_fill(after, pad)
+            n_tokens = (~after).sum(1)
+        else:
+            n_tokens = torch.full((new.shape[0],), new.shape[1])
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        rows = None
+        if recorder is not None:
+            values = recorder.stacked()  # [B, S, L, H, K]
+            steps = values.shape[1]
+            qpos = batch.seq_len - 1 + torch.arange(steps)[None].expand(len(batch), -1)
+            valid = torch.arange(steps)[None] < n_tokens[:, None]
+            rows = AttentionRows(values, recorder.layers, qpos, list(batch.groups), valid=valid,
+                                 meta={"query": "generated"})
+        return Generation(sequences, new, texts, n_tokens, rows)

@@ -1,0 +1,56 @@
+"""Run the figure notebooks top to bottom with papermill (``make figures`` / ``cleansight figures``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def find_notebooks(notebook_dir: str | Path, only: Iterable[str] | None = None) -> list[Path]:
+    """Notebooks in ``notebook_dir`` (sorted by name), optionally those whose name contains one of ``only``."""
+    paths = sorted(p for p in Path(notebook_dir).glob("*.ipynb") if not p.name.startswith("."))
+    if only:
+        wanted = list(only)
+        paths = [p for p in paths if any(w in p.stem for w in wanted)]
+    return paths
+
+
+def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path = "build/notebooks", *,
+                  smoke: bool = False, figures_dir: str | Path | None = None, only: Iterable[str] | None = None,
+                  parameters: dict[str, Any] | None = None, log: Any = print) -> list[dict[str, Any]]:
+    """Execute notebooks with papermill; executed copies go to ``output_dir`` (not tracked by git).
+
+    Args:
+        smoke: pass ``smoke=True`` (tiny sample counts) to every notebook.
+        figures_dir: where notebooks write figures; default ``<repo>/figures`` for full runs and
+            ``build/figures-smoke`` for smoke runs, so smoke runs never overwrite the gallery.
+        parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``).
+
+    Returns:
+        one record per notebook with its name, seconds and output path.
+    """
+    import papermill as pm
+
+    notebook_dir = Path(notebook_dir).resolve()
+    output_dir = Path(output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if figures_dir is None:
+        figures_dir = (output_dir.parent / "figures-smoke") if smoke else (notebook_dir.parent / "figures")
+    params = {"smoke": smoke, "figures_dir": str(Path(figures_dir).resolve()),
+              "results_dir": str(output_dir.parent / "results"), **(parameters or {})}
+    notebooks = find_notebooks(notebook_dir, only)
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks found in {notebook_dir}")
+    records = []
+    for path in notebooks:
+        out = output_dir / path.name
+        start = time.perf_counter()
+        log(f"running {path.name} (smoke={smoke}) ...")
+        nb_params = dict(params, results_dir=str(Path(params["results_dir"]) / path.stem))
+        pm.execute_notebook(str(path), str(out), parameters=nb_params, kernel_name="python3",
+                            cwd=str(notebook_dir), progress_bar=False, log_output=False)
+        seconds = time.perf_counter() - start
+        log(f"  done in {seconds:.1f} s -> {out}")
+        records.append({"notebook": path.name, "seconds": round(seconds, 2), "output": str(out)})
+    return records

@@ -1,0 +1,32 @@
+"""One figure style for the whole suite, and saving as PNG + PDF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Colours of the token groups, used by every figure.
+GROUP_COLORS = {"system": "#8c8c8c", "image": "#d1495b", "prompt": "#00798c", "template_tail": "#edae49",
+                "generated": "#66a182"}
+GROUP_LABELS = {"system": "system", "image": "image", "prompt": "prompt", "template_tail": "template tail",
+                "generated": "generated"}
+
+
+def set_style() -> None:
+    """Seaborn ``ticks`` style with readable sizes (call once per notebook)."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="ticks", font_scale=1.0)
+    mpl.rcParams.update({"figure.dpi": 110, "savefig.dpi": 200, "savefig.bbox": "tight",
+                         "axes.spines.top": False, "axes.spines.right": False, "axes.titleweight": "bold",
+                         "pdf.fonttype": 42})
+
+
+def save_figure(fig, path_stem: str | Path) -> list[Path]:
+    """Save ``fig`` as ``<path_stem>.png`` and ``<path_stem>.pdf``; returns both paths."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+    return paths
