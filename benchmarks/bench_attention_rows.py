@@ -4,9 +4,11 @@ Model: a randomly initialised LLaVA-1.5-shaped model: CLIP-style tower at 336 px
 (576 image tokens), Llama LM with d_model 1024, 8 layers, 16 heads, vocabulary 32064. The prompt is
 LLaVA-1.5's template (system prompt, ``USER: <image>\\n... ASSISTANT:``), about 620 tokens.
 
-Every (mode, batch size) runs in a fresh subprocess so that peak memory is measured from a clean
-heap: ``extra`` = peak RSS during the call minus RSS just before it (Linux ``VmHWM`` reset through
-``/proc/self/clear_refs``). Time is the best of ``--repeats`` calls after one warm-up call.
+Every (mode, batch size) runs in a fresh subprocess. Memory: ``extra`` = peak RSS during a call minus
+RSS just before it (Linux ``VmHWM`` reset through ``/proc/self/clear_refs`` before each call), for the
+first call (fresh heap) and as the median over the timed calls (steady state, the allocator warm).
+``stored_kib`` is what the call returns and keeps (the rows). Time is the best and the median of
+``--repeats`` calls after the first.
 
 Modes:
     forward         bridged model, ``logits_to_keep=1`` (what attention_rows also computes)
@@ -91,22 +93,26 @@ def run_one(mode: str, batch_size: int, repeats: int) -> dict:
         call = lambda: model.attention_rows(batch)  # noqa: E731
     else:
         call = lambda: model.attention_rows(batch, early_exit=False)  # noqa: E731
-    with torch.no_grad():
+    def measured():
         gc.collect()
         _reset_peak()
         before = _rss_kib("VmRSS")
+        start = time.perf_counter()
         out = call()
-        peak = _rss_kib("VmHWM")
-        del out
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = call()
-            times.append(time.perf_counter() - start)
-            del out
+        seconds = time.perf_counter() - start
+        extra = (_rss_kib("VmHWM") - before) / 1024
+        stored = out.values.numel() * out.values.element_size() / 1024 if isinstance(out, cs.AttentionRows) else 0.0
+        return seconds, extra, stored
+
+    with torch.no_grad():
+        _, first_extra, stored = measured()
+        runs = [measured() for _ in range(repeats)]
+    times = sorted(r[0] for r in runs)
+    extras = sorted(r[1] for r in runs)
     return {"mode": mode, "batch": batch_size, "tokens": batch.seq_len, "params_m": round(params / 1e6, 1),
-            "best_s": round(min(times), 4), "median_s": round(sorted(times)[len(times) // 2], 4),
-            "extra_peak_mib": round((peak - before) / 1024, 1), "threads": torch.get_num_threads()}
+            "best_s": round(times[0], 4), "median_s": round(times[len(times) // 2], 4),
+            "first_call_extra_mib": round(first_extra, 1), "extra_peak_mib": round(extras[len(extras) // 2], 1),
+            "stored_kib": round(stored, 1), "threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -129,8 +135,9 @@ def main() -> int:
                                   capture_output=True, text=True, check=True)
             rec = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(rec)
-            print(f"batch {b}  {mode:<13} best {rec['best_s']:.3f} s  median {rec['median_s']:.3f} s  "
-                  f"extra peak {rec['extra_peak_mib']:.0f} MiB  ({rec['tokens']} tokens)", flush=True)
+            print(f"batch {b}  {mode:<14} best {rec['best_s']:.3f} s  median {rec['median_s']:.3f} s  "
+                  f"extra peak {rec['extra_peak_mib']:.0f} MiB (first call {rec['first_call_extra_mib']:.0f})  "
+                  f"kept {rec['stored_kib']:.0f} KiB  ({rec['tokens']} tokens)", flush=True)
     summary = []
     for b in args.batch:
         by = {r["mode"]: r for r in results if r["batch"] == b}

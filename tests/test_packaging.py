@@ -54,3 +54,16 @@ def test_cli_entry_point_runs():
 
     assert main(["models", "list"]) == 0
     assert main(["inspect", "--image", "/definitely/not/here.png"]) == 2
+
+
+def test_readme_quick_start_runs():
+    """The README's quick-start block is executed as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README quick start", "exec"), namespace)
+    assert namespace["rows"].values.shape[1:3] == (4, 4)
+    assert namespace["mass"].shape[-1] == 4
+    assert namespace["heat"].shape == (8, 8)
+    assert len(namespace["out"].texts) == 1

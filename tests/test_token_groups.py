@@ -139,3 +139,37 @@ def test_paint_lays_scores_on_the_grid(llava):
 
 def test_group_names_order():
     assert GROUP_NAMES == ("system", "image", "prompt", "template_tail")
+
+
+def test_sentencepiece_style_tokenizer_groups():
+    """A LLaMA-like BPE tokenizer (Metaspace '▁' pieces, sub-word splits) gets the same group boundaries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    import cleansight_analysis as cs
+    from cleansight_analysis.inputs import LLAVA_SYSTEM_PROMPT
+    from cleansight_analysis.models import tiny
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = [LLAVA_SYSTEM_PROMPT + " USER: what color is the shape in this image? ASSISTANT: a red circle."] * 20
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    core.add_special_tokens(["<image>"])
+    core.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    cfg = tiny.tiny_llava_config()
+    cfg.image_token_id = tok.convert_tokens_to_ids("<image>")
+    hf, _ = tiny.build_tiny_random(cfg)
+    model = cs.load_lvlm(hf, processor=tiny.processor_for(cfg, tok))
+    b = model.prepare([solid("red"), solid("blue")], ["what color is the shape?", "describe it"])
+    for i, instruction in enumerate(["what color is the shape?", "describe it"]):
+        g = b.groups[i]
+        pieces = lambda name: tok.convert_ids_to_tokens(b.input_ids[i, g.positions(name)].tolist())  # noqa: E731
+        assert pieces("template_tail") == ["▁ASSISTANT:"]
+        assert pieces("system")[0] == "<s>" and "▁USER:" in pieces("system")
+        # the instruction's pieces (after the "\n" that follows the image) spell the instruction
+        assert tok.convert_tokens_to_string(pieces("prompt")[1:]).strip() == instruction
+        assert g.image.numel() == N_IMG and g.query == b.seq_len - 1

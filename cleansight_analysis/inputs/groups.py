@@ -9,6 +9,7 @@ into the *padded* sequence of the batch, so they index attention rows directly.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -121,16 +122,24 @@ def label_prompt_tokens(tokenizer: Any, rendered: RenderedPrompt, image_token_id
 
     Returns ``(ids, codes)`` where image placeholders keep ``image_token_id`` and code ``_IMAGE``.
     """
-    enc = tokenizer(rendered.text, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    try:
+        enc = tokenizer(rendered.text, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        warnings.warn(f"{type(tokenizer).__name__} gives no character offsets; template_tail tokens are "
+                      "counted as prompt", stacklevel=3)
+        ids, offsets = list(tokenizer(rendered.text)["input_ids"]), None
     img_idx = [i for i, t in enumerate(ids) if t == image_token_id]
     if not img_idx:
         raise InputError(f"prompt {rendered.text[:80]!r} contains no image placeholder token")
     first_img, last_img = img_idx[0], img_idx[-1]
+    if offsets is None:  # no character positions: split at the images only
+        codes = [_IMAGE if t == image_token_id else _SYSTEM if i < first_img else _PROMPT for i, t in enumerate(ids)]
+        return ids, codes
     instr_start, instr_end = rendered.instruction_span
     codes = []
     for i, (tok, (start, end)) in enumerate(zip(ids, offsets)):
-        special = start == end == 0 and i > 0
+        special = start == end == 0 and i > 0  # added special tokens carry no characters
         if tok == image_token_id:
             codes.append(_IMAGE)
         elif i > last_img and (start >= instr_end or special):

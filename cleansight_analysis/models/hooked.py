@@ -9,6 +9,7 @@ hooks around them: prefill and every decode step see the same edits.
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -129,11 +130,14 @@ class HookedLVLM:
         """Normalise ``layers`` (None = all; negative indices count from the end) or raise."""
         if layers is None:
             return list(range(self.n_layers))
-        if isinstance(layers, (int, torch.Tensor)) and not isinstance(layers, bool) and torch.as_tensor(layers).dim() == 0:
-            layers = [int(layers)]
+        if isinstance(layers, torch.Tensor):
+            layers = layers.tolist()
+        if isinstance(layers, numbers.Integral):
+            layers = [layers]
         out: list[int] = []
         for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, (int, torch.Tensor)) or not -self.n_layers <= int(layer) < self.n_layers:
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not (
+                    -self.n_layers <= layer < self.n_layers):
                 raise LayerIndexError(
                     f"layer {layer!r} is out of range for a model with {self.n_layers} LM layers "
                     f"(valid: 0..{self.n_layers - 1}, or -{self.n_layers}..-1)"
