@@ -190,7 +190,8 @@ class HookedLVLM:
     def processed_image(self, batch: Batch, index: int = 0) -> "np.ndarray":
         """The ``index``-th image as the vision tower saw it: ``[H, W, 3]`` uint8 (normalisation undone).
 
-        Its pixels line up with :attr:`ImageTokens.grid` (for LLaVA-NeXT: the ``base`` crop).
+        Its pixels line up with the ``base`` grid of :class:`ImageTokens` (LLaVA-1.5's only grid; for
+        LLaVA-NeXT the low-res view of the whole image, padded to a square).
         """
         import numpy as np
 
