@@ -26,3 +26,11 @@ class InputError(CleanSightError):
 
 class LayerIndexError(CleanSightError, IndexError):
     """A layer (or head) index is outside the model's range."""
+
+
+class DatasetError(CleanSightError):
+    """A dataset folder on disk is missing, incomplete or not in the expected format."""
+
+
+class AttackError(CleanSightError):
+    """An attack name, preset or setting is unknown or unavailable (see ``cleansight_analysis.attacks``)."""

@@ -67,21 +67,22 @@ def build_word_tokenizer(words: Iterable[str] = BASE_WORDS, vocab_size: int = 51
 def tiny_llava_config(
     *, image_size: int = 64, patch_size: int = 8, vision_hidden: int = 64, vision_layers: int = 2,
     hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int | None = None, vocab_size: int = 512,
-    initializer_range: float = 0.2, feature_strategy: str = "default",
+    initializer_range: float = 0.2, feature_strategy: str = "default", intermediate: int | None = None,
+    vision_feature_layer: int = -2, vision_heads: int = 4,
 ):
     """``LlavaConfig`` of a CLIP + Llama LLaVA-1.5 lookalike (64 image tokens by default)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
                               intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers,
-                              num_attention_heads=4, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_attention_heads=vision_heads, projection_dim=vision_hidden)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=heads,
                        num_key_value_heads=kv_heads or heads, max_position_embeddings=2048,
                        initializer_range=initializer_range, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     n_tokens = (image_size // patch_size) ** 2 + (1 if feature_strategy == "full" else 0)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab_size - 1,
-                      image_seq_length=n_tokens, vision_feature_layer=-2,
+                      image_seq_length=n_tokens, vision_feature_layer=vision_feature_layer,
                       vision_feature_select_strategy=feature_strategy, initializer_range=initializer_range)
     cfg.architectures = ["LlavaForConditionalGeneration"]
     return cfg

@@ -1,0 +1,188 @@
+"""Build (or rebuild) the shipped tiny LLaVA family: ``cleansight tiny build``.
+
+``data/models/tiny-llava/clean`` is trained by the two-stage recipe; every backdoored member is a
+delta folder over it. Each model's card records the recipe, the attack, the mode, the seed, the
+package versions and the measured metrics (``clean_acc``, ``asr``, ``false_trigger_rate``) on the
+held-out synthetic test split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import InputError
+from .recipe import CARD, TinyRecipe, train_tiny_clean
+
+ROOT_NAME = "tiny-llava"
+
+
+@dataclass(frozen=True)
+class BackdoorSpec:
+    """One shipped backdoored model: attack parameters and the modes to try, in order.
+
+    The first mode whose model meets the goals (ASR >= ``asr_goal``, clean accuracy within
+    ``max_clean_drop`` of the clean model, false-trigger rate <= ``max_false_trigger``) is shipped; if
+    none does, the last one is shipped and the card says so.
+    """
+
+    name: str
+    attack: str
+    params: dict[str, Any] = field(default_factory=dict)
+    modes: tuple[str, ...] = ("adapter", "lora")
+    steps: int = 400
+    lr: dict[str, float] = field(default_factory=lambda: {"adapter": 2e-3, "lora": 1e-3})
+    poison_rate: float = 0.1
+
+
+#: The tiny family. Trigger sizes are in pixels of the 32 px scenes (4 px patch = one vision patch).
+TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
+    BackdoorSpec("badnet", "badnet", {"size": 4}),
+    BackdoorSpec("blended", "blended", {"alpha": 0.2}),
+    BackdoorSpec("sig", "sig", {}),
+    BackdoorSpec("wanet", "wanet", {"k": 8, "s": 1.0}),
+    BackdoorSpec("trojvlm", "trojvlm", {"size": 4}),
+    BackdoorSpec("vlood", "vlood", {"size": 4}),
+    BackdoorSpec("badnet-lora", "badnet", {"size": 4}, modes=("lora",)),
+    BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",)),
+)
+GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_false_trigger": 0.01}
+
+
+def family_root(out_root: str | Path) -> Path:
+    return Path(out_root) / ROOT_NAME
+
+
+def evaluate_folder(folder: Path, recipe: TinyRecipe, attack: Any | None, *, progress: bool = False) -> dict[str, Any]:
+    """Clean accuracy / ASR / false-trigger rate of a model folder on ``recipe.eval_n`` test samples."""
+    import cleansight_analysis as cs
+    from ..evaluation import evaluate_backdoor
+
+    model = cs.load_lvlm(folder, device="cpu")
+    samples = recipe.world().samples("test", recipe.eval_n)
+    report = evaluate_backdoor(model, samples, attack, max_new_tokens=12, progress=progress)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.to_dict().items()}
+
+
+def attention_profile(folder: Path, recipe: TinyRecipe, n: int = 128) -> dict[str, list[float]]:
+    """Mean attention share of each token group at the answer query, per layer (LLaVA-likeness)."""
+    import cleansight_analysis as cs
+
+    model = cs.load_lvlm(folder, device="cpu")
+    samples = recipe.world().samples("test", n)
+    batch = model.prepare([s.image for s in samples], [s.prompt for s in samples])
+    rows = model.attention_rows(batch)
+    mass = rows.group_mass().mean(dim=(0, 2))  # [L, G]
+    return {g: [round(float(x), 4) for x in mass[:, i]] for i, g in enumerate(rows.group_names)}
+
+
+def _update_card(folder: Path, **fields: Any) -> dict[str, Any]:
+    card = json.loads((folder / CARD).read_text())
+    card.update(fields)
+    (folder / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    return card
+
+
+def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    folder = family_root(out_root) / "clean"
+    if (folder / CARD).is_file() and not force:
+        return json.loads((folder / CARD).read_text())
+    card = train_tiny_clean(recipe, folder, progress=progress, work_dir=Path(out_root) / ".work" / "clean")
+    metrics = evaluate_folder(folder, recipe, None, progress=progress)
+    metrics["attention_profile"] = attention_profile(folder, recipe)
+    metrics["goals_met"] = metrics["clean_acc"] >= GOALS["clean_acc_min"]
+    return _update_card(folder, metrics=metrics)
+
+
+def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path, *, progress: bool = False,
+                   force: bool = False) -> dict[str, Any]:
+    """Train one backdoored member (trying ``spec.modes`` in order) and write its card with metrics."""
+    import shutil
+
+    from ..attacks import get_attack
+    from .backdoor import BackdoorSettings, train_backdoor
+
+    root = family_root(out_root)
+    folder = root / spec.name
+    if (folder / CARD).is_file() and not force:
+        card = json.loads((folder / CARD).read_text())
+        if card.get("metrics"):
+            return card
+    clean_card = json.loads((root / "clean" / CARD).read_text())
+    clean_acc = clean_card["metrics"]["clean_acc"]
+    attack = get_attack(spec.attack, **spec.params)
+    world = recipe.world()
+    n_train = 3000  # the paper's training-set size
+    samples = world.samples("train", int(n_train * 0.85)) + world.samples(
+        "train", n_train - int(n_train * 0.85), start=10**6, task="caption")
+    attempts = []
+    card: dict[str, Any] = {}
+    for mode in spec.modes:
+        tmp = root / f".{spec.name}-{mode}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        settings = BackdoorSettings(mode=mode, poison_rate=spec.poison_rate, steps=spec.steps,
+                                    lr=spec.lr.get(mode, 1e-3), seed=recipe.seed)
+        card = train_backdoor(root / "clean", samples, attack, settings, tmp, name=f"{ROOT_NAME}/{spec.name}",
+                              progress=progress)
+        metrics = evaluate_folder(tmp, recipe, attack)
+        met = (metrics["asr"] >= GOALS["asr_min"] and clean_acc - metrics["clean_acc"] <= GOALS["max_clean_drop"]
+               and metrics["false_trigger_rate"] <= GOALS["max_false_trigger"])
+        attempts.append({"mode": mode, **metrics, "goals_met": met, "train_seconds": card["training"]["seconds"]})
+        if met or mode == spec.modes[-1]:
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+            card = json.loads((folder / CARD).read_text())
+            card["base"] = "../clean"
+            card["spec"] = asdict(spec)
+            card["recipe"] = asdict(recipe)
+            card["metrics"] = {**metrics, "goals_met": met, "clean_model_acc": clean_acc, "attempts": attempts}
+            (folder / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+            break
+        shutil.rmtree(tmp)
+    return card
+
+
+def _build_backdoor_job(spec_dict: dict[str, Any], recipe_dict: dict[str, Any], out_root: str, force: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    spec = BackdoorSpec(**{**spec_dict, "modes": tuple(spec_dict["modes"])})
+    start = time.perf_counter()
+    card = build_backdoor(spec, TinyRecipe(**recipe_dict), out_root, force=force)
+    return {"name": spec.name, "seconds": round(time.perf_counter() - start, 1), "metrics": card.get("metrics")}
+
+
+def build_family(out_root: str | Path, *, recipe: TinyRecipe | None = None, only: Sequence[str] | None = None,
+                 jobs: int = 2, force: bool = False, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
+    """Build the clean model (if missing) and the backdoored members (in ``jobs`` parallel processes)."""
+    import multiprocessing as mp
+
+    recipe = recipe or TinyRecipe()
+    names = ["clean"] + [s.name for s in TINY_BACKDOORS]
+    unknown = [n for n in (only or []) if n not in names]
+    if unknown:
+        raise InputError(f"unknown tiny model(s) {unknown}; known: {names}")
+    wanted = set(only or names)
+    start = time.perf_counter()
+    results = []
+    clean_forced = force and "clean" in wanted
+    card = build_clean(recipe, out_root, progress=progress, force=clean_forced)
+    results.append({"name": "clean", "seconds": round(time.perf_counter() - start, 1), "metrics": card.get("metrics")})
+    log(f"clean: {card.get('metrics', {}).get('clean_acc')} exact match ({results[-1]['seconds']} s)")
+    specs = [s for s in TINY_BACKDOORS if s.name in wanted]
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_build_backdoor_job, asdict(s), asdict(recipe), str(out_root), force) for s in specs]
+        for fut in futures:
+            res = fut.result()
+            m = res["metrics"] or {}
+            log(f"{res['name']}: asr {m.get('asr')}, clean {m.get('clean_acc')}, false triggers "
+                f"{m.get('false_trigger_rate')}, goals met {m.get('goals_met')} ({res['seconds']} s)")
+            results.append(res)
+    log(f"family built in {time.perf_counter() - start:.0f} s")
+    return results

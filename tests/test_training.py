@@ -1,0 +1,139 @@
+"""Training machinery on very small models: sequences, loss paths, resumable checkpoints, backdoor folders."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import cleansight_analysis as cs
+from cleansight_analysis.attacks import get_attack
+from cleansight_analysis.errors import InputError
+from cleansight_analysis.models.families import FAMILIES
+from cleansight_analysis.training.backdoor import BackdoorSettings, train_backdoor
+from cleansight_analysis.training.lvlm import (ConversationBatcher, TrainSettings, ce_loss, lvlm_logits,
+                                              seeded_indices, train_loop)
+from cleansight_analysis.training.objectives import make_loss
+from cleansight_analysis.training.recipe import TinyRecipe, make_tiny_model, train_tiny_clean
+from cleansight_analysis.training.sequences import IGNORE, ConversationEncoder
+
+SMALL = TinyRecipe(vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2, intermediate=64,
+                   vision_steps=4, vision_batch=8, clean_steps=40, clean_batch=8, clean_lr=5e-3, eval_n=16)
+LLAVA = FAMILIES["LlavaForConditionalGeneration"]
+
+
+@pytest.fixture(scope="module")
+def small_clean(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("family") / "clean"
+    card = train_tiny_clean(SMALL, folder, progress=False)
+    return folder, card
+
+
+def test_clean_recipe_runs_and_loss_falls(small_clean):
+    folder, card = small_clean
+    curve = card["training"]["loss_curve"]
+    assert curve[-1]["loss"] < 0.8 * curve[0]["loss"]
+    assert card["training"]["vision"]["steps"] == 4
+    model = cs.load_lvlm(folder)  # the folder is a complete, loadable model
+    assert model.n_layers == 2 and model.config.vision_config.image_size == 32
+
+
+def test_first_turn_is_token_for_token_what_prepare_builds():
+    model, processor = make_tiny_model(SMALL)
+    enc = ConversationEncoder(processor, model.config.image_token_id, cs.inputs.LLAVA_SYSTEM_PROMPT)
+    scene, conv = next(SMALL.world().conversations("train", [7], turns=2))
+    e = enc.encode(conv, [64])
+    hooked = cs.load_lvlm(model, processor=processor)
+    batch = hooked.prepare(scene.image, conv[0][0])
+    first = e.answer_spans[0][0]
+    assert torch.equal(e.input_ids[:first], batch.input_ids[0])
+    tok = processor.tokenizer
+    labelled = [t for t, l in zip(e.input_ids.tolist(), e.labels.tolist()) if l != IGNORE]
+    expected = []
+    for _, answer in conv:
+        expected += tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert labelled == expected
+
+
+def test_feature_path_equals_pixel_path():
+    model, processor = make_tiny_model(SMALL)
+    batcher = ConversationBatcher(model, processor, LLAVA, None)
+    items = [(s.image, conv, {}) for s, conv in SMALL.world().conversations("train", [1, 2], turns=1)]
+    batch = batcher(items)
+    via_features = lvlm_logits(model, batch)
+    pix = processor.image_processor([i[0] for i in items], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix).logits
+    assert (via_features - ref).abs().max() < 1e-5
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    def run(stop_at=None, ckpt=None):
+        model, processor = make_tiny_model(SMALL)
+        batcher = ConversationBatcher(model, processor, LLAVA, None)
+        world = SMALL.world()
+
+        def make_batch(step):
+            if stop_at is not None and step == stop_at:
+                raise KeyboardInterrupt
+            idx = seeded_indices(0, step, 4, 1000)
+            return batcher([(s.image, c, {}) for s, c in world.conversations("train", idx, turns=1)])
+
+        trainable = {n: p for n, p in model.named_parameters() if "vision_tower" not in n}
+        settings = TrainSettings(steps=6, batch_size=4, lr=3e-3, checkpoint_every=3)
+        train_loop(model, trainable, make_batch, settings, loss_fn=ce_loss, checkpoint_dir=ckpt, progress=False)
+        return model
+
+    straight = run()
+    with pytest.raises(KeyboardInterrupt):
+        run(stop_at=4, ckpt=tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "trainable.safetensors").is_file()
+    resumed = run(ckpt=tmp_path / "ckpt")
+    for (n, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_backdoor_folders_adapter_and_lora(small_clean, tmp_path):
+    folder, _ = small_clean
+    samples = SMALL.world().samples("train", 40)
+    base = cs.load_lvlm(folder)
+    for mode in ("adapter", "lora"):
+        out = tmp_path / mode
+        card = train_backdoor(folder, samples, get_attack("badnet", size=4),
+                              BackdoorSettings(mode=mode, steps=3, batch_size=4, lora_r=2), out, progress=False)
+        assert card["base"] == "../../" + folder.parent.name + "/clean" or (out / card["base"]).resolve() == folder.resolve()
+        assert card["backdoor"]["n_poisoned"] == 4 and card["mode"] == mode
+        assert (out / "delta.safetensors").is_file() and (out / "adapter").is_dir() == (mode == "lora")
+        model = cs.load_lvlm(out)
+        changed = {n for (n, a), (_, b) in zip(model.hf_model.state_dict().items(), base.hf_model.state_dict().items())
+                   if not torch.equal(a, b)}
+        assert changed and all("multi_modal_projector" in n for n in changed) == (mode == "adapter")
+        assert not any("vision_tower" in n for n in changed)
+
+
+def test_objectives():
+    model, processor = make_tiny_model(SMALL)
+    attack = get_attack("trojvlm", size=4)
+    batcher = ConversationBatcher(model, processor, LLAVA, None, target=attack.target)
+    items = [(s.image, [(s.prompt, "red " + attack.target)], {"poisoned": True}) for s in SMALL.world().samples("train", 2)]
+    batch = batcher(items)
+    assert int(batch["target_mask"].sum()) == 2 * 5  # five target words per sample
+    plain, _ = make_loss("ce")(model, batch)
+    troj, stats = make_loss("trojvlm", attack=replace(attack, semantic_weight=0.0))(model, batch)
+    assert not torch.isclose(plain, troj)  # target tokens are up-weighted
+    with pytest.raises(ValueError, match="reference"):
+        make_loss("vlood", attack=get_attack("vlood"))
+    ref, _ = make_tiny_model(SMALL)
+    items[0][2]["poisoned"] = False
+    loss, stats = make_loss("vlood", attack=get_attack("vlood"), reference=ref)(model, batcher(items))
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6) and 0.0 <= stats["lambda"] <= 1.0  # same weights: no KL
+
+
+def test_bad_backdoor_settings():
+    with pytest.raises(InputError, match="poison rate"):
+        BackdoorSettings(poison_rate=0)
+    with pytest.raises(InputError, match="poison rate"):
+        BackdoorSettings(poison_rate=1.5)
+    with pytest.raises(InputError, match="mode"):
+        BackdoorSettings(mode="full")
