@@ -37,6 +37,18 @@ def configure_environment() -> None:
     _CONFIGURED = True
 
 
+def quiet_transformers() -> None:
+    """Hide transformers' per-load "Loading weights" / "Writing model shards" bars (tiny models load in ms).
+
+    Set ``CLEANSIGHT_HF_PROGRESS=1`` to keep them (useful for 7B checkpoints).
+    """
+    if os.environ.get("CLEANSIGHT_HF_PROGRESS") == "1":
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def disable_torchvision_autoinstall() -> None:
     """Stop TransformerLens from running ``pip install torchvision`` behind the user's back."""
     try:

@@ -5,6 +5,7 @@
     cleansight inspect --model M --image I  per-layer token-group shares of the answer query
     cleansight figures [--smoke]            run the figure notebooks (what `make figures` calls)
     cleansight tiny build [--only NAME]     rebuild the shipped tiny LLaVA family in data/models
+    cleansight analyze stealing|perturb|heads|logit-lens --model M --n N --out DIR
     cleansight backdoor --base M --attack A --mode adapter|lora --out DIR   plant a backdoor
     cleansight eval-backdoor --model M [--attack A] --n N --json FILE      clean acc / ASR / false triggers
 """
@@ -56,7 +57,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col in ("clean acc", "ASR", "false triggers") else "left")
 
     def fmt(value: Any) -> str:
-        return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+        return f"{value:.3f}" if isinstance(value, (int, float)) and value == value else "-"
 
     for entry in registered_models():
         card = entry.card or {}
@@ -128,7 +129,7 @@ def _attack_from_args(args: argparse.Namespace, card: dict | None = None):
         params["image"] = args.trigger_image
     if getattr(args, "location", None):
         loc = args.location
-        params["location"] = tuple(float(v) if "." in v else int(v) for v in loc.split(",")) if "," in loc else loc
+        params["location"] = tuple(_int_or_float(v) for v in loc.split(",")) if "," in loc else loc
     if getattr(args, "alpha", None) is not None:
         params["alpha"] = args.alpha
     if getattr(args, "size", None) is not None:
@@ -179,21 +180,10 @@ def cmd_eval_backdoor(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from . import load_lvlm
     from .evaluation import evaluate_backdoor
-    from .models.loading import read_card
-    from .models.registry import lookup
 
-    entry = lookup(args.model)
-    card = entry.card if entry is not None else (read_card(Path(args.model)) if Path(args.model).is_dir() else None)
-    attack = _attack_from_args(args, card)
-    model = load_lvlm(args.model, device=args.device)
-    if args.data == "synthetic":
-        from .data.synthetic import SyntheticWorld
-
-        samples = SyntheticWorld(args.seed).samples("test", args.n)
-    else:
-        samples = _training_samples(args.data, args.n, args.seed)
+    model, attack = _model_and_attack(args)
+    samples = _eval_samples(args)
     report = evaluate_backdoor(model, samples, attack, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     out = {**report.to_dict(), "model": args.model, "attack": attack.to_dict() if attack else None, "data": args.data}
     text = json.dumps(out, indent=2)
@@ -203,12 +193,128 @@ def cmd_eval_backdoor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_attack(args: argparse.Namespace, *, need_attack: bool = False):
+    """The model named by ``--model`` and the attack from the flags or, failing that, the model's card."""
+    from pathlib import Path
+
+    from . import load_lvlm
+    from .errors import InputError
+    from .models.loading import read_card
+    from .models.registry import lookup
+
+    entry = lookup(args.model)
+    card = entry.card if entry is not None else (read_card(Path(args.model)) if Path(args.model).is_dir() else None)
+    attack = _attack_from_args(args, card)
+    if need_attack and attack is None:
+        raise InputError(f"{args.model} has no attack in its card: pass --attack NAME")
+    return load_lvlm(args.model, device=args.device), attack
+
+
+def _eval_samples(args: argparse.Namespace):
+    """``--n`` held-out samples: the synthetic test split, or a real dataset folder (``NAME:FOLDER``)."""
+    if args.data == "synthetic":
+        from .data.synthetic import SyntheticWorld
+
+        return SyntheticWorld(args.seed).samples("test", args.n)
+    return _training_samples(args.data, args.n, args.seed)
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    return None if not text else [int(v) for v in text.split(",")]
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``cleansight analyze {stealing,perturb,heads,logit-lens}``: tables + manifests under ``--out``."""
+    import time
+
+    from .attacks import triggered_copy
+    from .results import save_table
+
+    start = time.perf_counter()
+    model, attack = _model_and_attack(args, need_attack=True)
+    samples = _eval_samples(args)
+    common = {"model": model, "attack": attack, "seed": args.seed,
+              "data": args.data, "model_source": args.model}
+    written = []
+    layers = _int_list(args.layers)
+    if args.analysis == "stealing":
+        from .attention import StealingSettings, head_separability, layer_separability, stealing_tables, thief_tokens
+
+        settings = StealingSettings(text_keys=args.text_keys, layers=layers, batch_size=args.batch_size)
+        table = stealing_tables(model, samples, attack, settings=settings, seed=args.seed)
+        written.append(save_table(table, args.out, "stealing", settings=settings, fmt=args.format, **common))
+        written.append(save_table(layer_separability(table, seed=args.seed), args.out, "separability_layers",
+                                  settings=settings, fmt=args.format, **common))
+        written.append(save_table(head_separability(table), args.out, "separability_heads", settings=settings,
+                                  fmt=args.format, **common))
+        thieves = thief_tokens(model, samples, attack, layers=layers, k=args.k, batch_size=args.batch_size,
+                               seed=args.seed)
+        written.append(save_table(thieves, args.out, "thief_tokens", settings={"k": args.k, "layers": layers},
+                                  fmt=args.format, **common))
+    elif args.analysis == "perturb":
+        from .interventions import perturbation_sweep
+
+        kinds = args.kinds.split(",")
+        intensities = [float(v) for v in args.intensities.split(",")]
+        extra = {"layers": layers} if layers is not None and "attn_uniform" in kinds else {}
+        from .interventions.perturbations import PIXEL_KINDS
+
+        if any(k in PIXEL_KINDS for k in kinds):
+            extra["seed"] = args.seed
+        table = perturbation_sweep(model, samples, attack, kinds, intensities, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, **extra)
+        written.append(save_table(table, args.out, "perturb", fmt=args.format,
+                                  settings={"kinds": kinds, "intensities": intensities, **extra}, **common))
+    elif args.analysis == "heads":
+        from .interventions import head_sweep, patch_heads
+
+        table = head_sweep(model, samples, attack, kind=args.kind, method=args.method, layers=layers,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+        written.append(save_table(table, args.out, "heads", fmt=args.format,
+                                  settings={"kind": args.kind, "method": args.method, "layers": layers}, **common))
+        triggered = triggered_copy(samples, attack)
+        patches = [patch_heads(model, samples, triggered, target=attack.target, layers=layers,
+                               batch_size=args.batch_size),
+                   patch_heads(model, triggered, samples, target=attack.target, layers=layers,
+                               batch_size=args.batch_size)]
+        import pandas as pd
+
+        written.append(save_table(pd.concat(patches, ignore_index=True), args.out, "patching", fmt=args.format,
+                                  settings={"layers": layers, "target": attack.target}, **common))
+    else:  # logit-lens
+        from .interventions import get_perturbation, logit_lens
+
+        intervention = None
+        if args.intervention:
+            kind, _, eta = args.intervention.partition(":")
+            extra = {"layers": layers} if layers is not None and kind == "attn_uniform" else {}
+            intervention = get_perturbation(kind, float(eta or 1.0), **extra)
+        table = logit_lens(model, samples, attack, intervention=intervention, batch_size=args.batch_size,
+                           progress=True)
+        written.append(save_table(table, args.out, "logit_lens", fmt=args.format,
+                                  settings={"intervention": intervention.to_dict() if intervention else None},
+                                  **common))
+    for path in written:
+        print(f"wrote {path}")
+    print(f"{args.analysis}: {len(samples)} samples in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _int_or_float(text: str) -> int | float:
+    """``"4"`` -> 4 (pixels), ``"0.09"`` -> 0.09 (a fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", default=None, help="badnet, blended, sig, wanet, trojvlm, vlood or custom")
     p.add_argument("--trigger-image", default=None, help="trigger image file (custom attack / BadNet pattern)")
     p.add_argument("--location", default=None, help="corner name (top-left, ...), 'random', or X,Y")
     p.add_argument("--alpha", type=float, default=None, help="blend strength (blended / custom blend)")
-    p.add_argument("--size", type=float, default=None, help="patch side: pixels (>= 1) or a fraction of the short side")
+    p.add_argument("--size", type=_int_or_float, default=None,
+                   help="patch side: pixels (an integer) or a fraction of the short side (e.g. 0.09)")
     p.add_argument("--target", default=None, help="target phrase (default 'you have been hacked lol')")
 
 
@@ -264,6 +370,31 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--device", default=None)
     bd.add_argument("--out", required=True)
     bd.set_defaults(fn=cmd_backdoor)
+
+    an = sub.add_parser("analyze", help="attention-stealing analyses; tables + manifests under --out")
+    an.add_argument("analysis", choices=("stealing", "perturb", "heads", "logit-lens"))
+    an.add_argument("--model", required=True, help="registry name or local model folder")
+    _add_attack_args(an)
+    an.add_argument("--data", default="synthetic", help="'synthetic' (test split) or NAME:FOLDER")
+    an.add_argument("--n", type=int, default=300, help="samples (each also run with its trigger)")
+    an.add_argument("--out", required=True, help="results folder")
+    an.add_argument("--layers", default=None, help="comma-separated LM layers (default all; for perturb and "
+                    "logit-lens: the layers attn_uniform edits)")
+    an.add_argument("--text-keys", default="post_image", choices=("post_image", "instruction"),
+                    help="stealing-ratio denominator: every token after the image block, or the instruction")
+    an.add_argument("--k", type=int, default=5, help="thief tokens: top-k")
+    an.add_argument("--kinds", default="st,shrinkpad,blur,jpeg,noise,attn_uniform", help="perturb: kinds")
+    an.add_argument("--intensities", default="0,0.25,0.5,0.75,1", help="perturb: intensities in [0, 1]")
+    an.add_argument("--kind", default="ablate", choices=("ablate", "flatten"), help="heads: what to do per head")
+    an.add_argument("--method", default="zero", choices=("zero", "mean"), help="heads: ablation method")
+    an.add_argument("--intervention", default=None, help="logit-lens: KIND[:INTENSITY], e.g. attn_uniform:1")
+    an.add_argument("--format", default="auto", choices=("auto", "parquet", "csv"),
+                    help="table format (auto: parquet when pyarrow is installed, else csv)")
+    an.add_argument("--batch-size", type=int, default=32)
+    an.add_argument("--max-new-tokens", type=int, default=12)
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--device", default=None)
+    an.set_defaults(fn=cmd_analyze)
 
     ev = sub.add_parser("eval-backdoor", help="clean accuracy, ASR and false-trigger rate of a model")
     ev.add_argument("--model", required=True)

@@ -19,7 +19,8 @@ from cleansight_analysis.training.recipe import TinyRecipe, make_tiny_model, tra
 from cleansight_analysis.training.sequences import IGNORE, ConversationEncoder
 
 SMALL = TinyRecipe(vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2, intermediate=64,
-                   vision_steps=4, vision_batch=8, clean_steps=40, clean_batch=8, clean_lr=5e-3, eval_n=16)
+                   vision_steps=4, vision_batch=8, clean_steps=40, clean_batch=8, clean_lr=5e-3, eval_n=16,
+                   processes=1, turns=3)
 LLAVA = FAMILIES["LlavaForConditionalGeneration"]
 
 
@@ -37,6 +38,13 @@ def test_clean_recipe_runs_and_loss_falls(small_clean):
     assert card["training"]["vision"]["steps"] == 4
     model = cs.load_lvlm(folder)  # the folder is a complete, loadable model
     assert model.n_layers == 2 and model.config.vision_config.image_size == 32
+
+
+def test_two_process_data_parallel_training(tmp_path):
+    recipe = replace(SMALL, processes=2, vision_steps=2, clean_steps=6)
+    card = train_tiny_clean(recipe, tmp_path / "clean", progress=False)
+    assert len(card["training"]["loss_curve"]) >= 1 and (tmp_path / "clean" / "model.safetensors").is_file()
+    assert cs.load_lvlm(tmp_path / "clean").n_layers == 2
 
 
 def test_first_turn_is_token_for_token_what_prepare_builds():
@@ -137,3 +145,41 @@ def test_bad_backdoor_settings():
         BackdoorSettings(poison_rate=1.5)
     with pytest.raises(InputError, match="mode"):
         BackdoorSettings(mode="full")
+
+
+def test_family_build_and_cli_round_trip(small_clean, tmp_path, capsys):
+    """`build_family` on the small recipe, then the backdoor / eval-backdoor / models CLI commands."""
+    import json
+    import shutil
+
+    from cleansight_analysis.cli import main
+    from cleansight_analysis.training.family import build_family
+
+    folder, _ = small_clean
+    root = tmp_path / "models"
+    (root / "tiny-llava").mkdir(parents=True)
+    shutil.copytree(folder, root / "tiny-llava" / "clean")
+    card = json.loads((root / "tiny-llava" / "clean" / "card.json").read_text())
+    card["metrics"] = {"clean_acc": 0.5}
+    (root / "tiny-llava" / "clean" / "card.json").write_text(json.dumps(card))
+    recipe = replace(SMALL, backdoor_steps=2, backdoor_train_n=40, eval_n=8)
+    results = build_family(root, recipe=recipe, only=["badnet"], jobs=1, progress=False, log=lambda *a: None)
+    assert [r["name"] for r in results] == ["clean", "badnet"]
+    bd_card = json.loads((root / "tiny-llava" / "badnet" / "card.json").read_text())
+    assert bd_card["base"] == "../clean" and bd_card["metrics"]["attempts"][0]["mode"] == "adapter"
+    assert {"clean_acc", "asr", "false_trigger_rate"} <= set(bd_card["metrics"])
+    assert cs.load_lvlm(root / "tiny-llava" / "badnet").n_layers == 2
+
+    out = tmp_path / "cli_backdoor"
+    assert main(["backdoor", "--base", str(folder), "--attack", "badnet", "--size", "4", "--location", "top-right",
+                 "--mode", "adapter", "--steps", "2", "--n", "14", "--batch-size", "4", "--out", str(out)]) == 0
+    saved = json.loads((out / "card.json").read_text())
+    assert saved["attack"]["location"] == "top-right" and saved["backdoor"]["n_train"] == 14
+    report = tmp_path / "report.json"
+    assert main(["eval-backdoor", "--model", str(out), "--n", "6", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["n"] == 6 and {"clean_acc", "asr", "false_trigger_rate"} <= set(data)
+    assert data["attack"]["name"] == "badnet"  # taken from the folder's card
+    capsys.readouterr()
+    assert main(["models", "list"]) == 0
+    assert "tiny-random-llava" in capsys.readouterr().out

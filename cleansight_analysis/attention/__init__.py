@@ -1,5 +1,17 @@
-"""Attention access: rows of chosen queries and their mass per token group."""
+"""Attention access and attention-stealing measurements.
+
+- :mod:`.rows`: rows of chosen queries, sliced inside the forward pass, and their mass per token group;
+- :mod:`.stealing`: the stealing table (sample x layer x head masses and ratio S^{l,h}), thief tokens
+  and their localisation against a trigger mask;
+- :mod:`.separability`: AUROC, the whitened-distance statistic, layer- and head-wise separability.
+"""
 
 from .rows import AttentionRows, RowRecorder, StopForward
+from .separability import (SeparabilitySettings, WhitenedDistance, auroc, detector_scores, head_separability,
+                           layer_separability)
+from .stealing import (StealingSettings, attention_grid, stealing_table, stealing_tables, thief_map, thief_tokens,
+                       trigger_grid)
 
-__all__ = ["AttentionRows", "RowRecorder", "StopForward"]
+__all__ = ["AttentionRows", "RowRecorder", "SeparabilitySettings", "StealingSettings", "StopForward",
+           "WhitenedDistance", "attention_grid", "auroc", "detector_scores", "head_separability",
+           "layer_separability", "stealing_table", "stealing_tables", "thief_map", "thief_tokens", "trigger_grid"]

@@ -237,8 +237,9 @@ class SyntheticWorld:
 
     def samples(self, split: str, n: int, *, start: int = 0, task: str = "vqa",
                 question_types: Sequence[str] | None = None) -> list[Sample]:
-        """``n`` samples from scenes ``start .. start+n-1``: one question per scene (balanced over types
-        that the scene can answer), or the caption task (``task="caption"``)."""
+        """``n`` samples from scenes ``start, start+1, ...``: one question per scene (types balanced by
+        scene index among those the scene can answer; scenes with none of ``question_types`` are
+        skipped), or the caption task (``task="caption"``)."""
         if task not in ("vqa", "caption"):
             raise InputError(f"task must be 'vqa' or 'caption', got {task!r}")
         types = tuple(question_types or QUESTION_TYPES)
@@ -246,37 +247,50 @@ class SyntheticWorld:
         if bad:
             raise InputError(f"unknown question types {bad}; types: {QUESTION_TYPES}")
         out = []
-        for i in range(start, start + n):
+        i = start
+        while len(out) < n:
             scene = self.scene(split, i)
             sid = f"synthetic/{self.seed}/{split}/{i}"
             if task == "caption":
                 cap = scene.caption()
                 out.append(Sample(scene.image, CAPTION_PROMPT, cap, (cap,), "caption", sid + "/caption",
                                   {"split": split, "index": i}))
+                i += 1
                 continue
             rng = self._rng(split, i, stream=2)
             qs = self.questions(scene, rng)
             wanted = types[i % len(types)]
-            pick = next((q for q in qs if q[0] == wanted), None) or next(q for q in qs if q[0] in types)
-            qtype, question, answer = pick
-            out.append(Sample(scene.image, self.prompt(question), answer, (answer,), "vqa", f"{sid}/{qtype}",
-                              {"split": split, "index": i, "question_type": qtype}))
+            pick = next((q for q in qs if q[0] == wanted), None) or next((q for q in qs if q[0] in types), None)
+            if pick is not None:  # scenes that cannot answer any requested type are skipped
+                qtype, question, answer = pick
+                out.append(Sample(scene.image, self.prompt(question), answer, (answer,), "vqa", f"{sid}/{qtype}",
+                                  {"split": split, "index": i, "question_type": qtype}))
+            i += 1
         return out
 
     def conversations(self, split: str, indices: Sequence[int], turns: int = 3, *, epoch: int = 0,
-                      caption_prob: float = 0.15) -> Iterator[tuple[Scene, list[tuple[str, str]]]]:
+                      caption_prob: float = 0.15, suffix_first_only: bool = True, repeat_prob: float = 0.0,
+                      repeat_words: Sequence[str] = ()) -> Iterator[tuple[Scene, list[tuple[str, str]]]]:
         """Multi-turn training conversations: ``(scene, [(prompt, answer), ...])`` with ``turns`` turns.
 
         Questions are re-drawn every ``epoch``; with probability ``caption_prob`` one turn is the
-        caption task.
+        caption task. The first turn is exactly a test-time prompt; with ``suffix_first_only`` later
+        turns ask the bare question (shorter sequences, as in LLaVA's multi-turn data). With
+        probability ``repeat_prob`` a later turn is a text-only task, ``"repeat the words : w1 .. wk"``
+        with 3 to 6 words drawn uniformly from ``repeat_words``: a little general language ability,
+        so that the language model can produce any word of its vocabulary (as a real LLM can).
         """
         for i in indices:
             scene = self.scene(split, int(i))
             rng = self._rng(split, int(i), stream=10 + epoch)
             qs = self.questions(scene, rng)
-            conv = [(self.prompt(q), a) for _, q, a in qs[:turns]]
+            conv = [(self.prompt(q) if t == 0 or not suffix_first_only else q, a)
+                    for t, (_, q, a) in enumerate(qs[:turns])]
             if rng.random() < caption_prob:
                 conv[int(rng.integers(len(conv)))] = (CAPTION_PROMPT, scene.caption())
+            if repeat_words and len(conv) > 1 and rng.random() < repeat_prob:
+                words = " ".join(rng.choice(list(repeat_words), size=int(rng.integers(3, 7))))
+                conv[int(rng.integers(1, len(conv)))] = (f"repeat the words : {words}", words)
             yield scene, conv
 
     def vocabulary(self) -> list[str]:
@@ -285,7 +299,7 @@ class SyntheticWorld:
         text = " ".join([
             " ".join(COLORS), " ".join(SHAPES), " ".join(BACKGROUNDS), " ".join(COUNT_WORDS),
             "what color is the shape object how many objects are there is there a on the left or right",
-            "kind of background it yes no and , . ? striped dotted noisy plain", CAPTION_PROMPT.lower(),
+            "kind of background it yes no and , . ? striped dotted noisy plain repeat words :", CAPTION_PROMPT.lower(),
             (self.vqa_suffix or "").lower(),
         ])
         for w in text.replace(".", " . ").replace("?", " ? ").replace(",", " , ").split():

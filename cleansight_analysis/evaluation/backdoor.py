@@ -26,17 +26,47 @@ class BackdoorReport:
 
 
 def generate_answers(model: Any, samples: Sequence[Sample], *, batch_size: int = 64, max_new_tokens: int = 16,
-                     progress: bool = True, desc: str = "generate", hooks: Sequence = ()) -> list[str]:
-    """Greedy answers of a :class:`HookedLVLM` for ``samples`` (batched, left-padded)."""
+                     progress: bool = True, desc: str = "generate", hooks: Sequence = (),
+                     intervention: Any = None) -> list[str]:
+    """Greedy answers of a :class:`HookedLVLM` for ``samples`` (batched, left-padded).
+
+    Args:
+        hooks: fixed ``(name, fn)`` hooks active at prefill and every decode step.
+        intervention: an :class:`~cleansight_analysis.interventions.Intervention` (or a
+            ``fn(model, batch) -> hooks`` factory): its ``apply_image`` transforms each image and its
+            ``hooks(model, batch)`` are added for every batch.
+    """
     from tqdm.auto import tqdm
 
+    from ..interventions.base import NoIntervention, as_intervention
+
+    iv = as_intervention(intervention)
     out: list[str] = []
     starts = range(0, len(samples), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, mininterval=2.0):
         chunk = samples[s:s + batch_size]
-        batch = model.prepare([x.image for x in chunk], [x.prompt for x in chunk])
-        out += model.generate(batch, max_new_tokens=max_new_tokens, hooks=hooks).texts
+        images = [x.image if isinstance(iv, NoIntervention) else _transformed(iv, x.image) for x in chunk]
+        batch = model.prepare(images, [x.prompt for x in chunk])
+        out += model.generate(batch, max_new_tokens=max_new_tokens,
+                              hooks=[*hooks, *iv.hooks(model, batch)]).texts
     return out
+
+
+def _transformed(iv: Any, image: Any) -> Any:
+    """``iv.apply_image`` on one image, or on each image of a multi-image sample."""
+    if isinstance(image, (list, tuple)):
+        return [iv.apply_image(_load_image(im)) for im in image]
+    return iv.apply_image(_load_image(image))
+
+
+def _load_image(image: Any) -> Any:
+    """A ``PIL.Image`` for a path or an image (paths are opened lazily, as ``prepare`` does)."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from PIL import Image
+
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    return image
 
 
 def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None, *, target: str | None = None,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .._runtime import configure_environment, disable_torchvision_autoinstall
+from .._runtime import configure_environment, disable_torchvision_autoinstall, quiet_transformers
 from ..errors import ModelSourceError
 from .compat import install_kv_cache_shim
 from .families import architecture_of, family_for
@@ -128,6 +128,7 @@ def load_hf(source: Any, *, processor: Any = None, device: Any = None, dtype: An
             name: str | None = None) -> tuple[Any, Any, Any, str]:
     """Load the raw HF model (not bridged), its processor, its family and a label. See :func:`load_lvlm`."""
     configure_environment()
+    quiet_transformers()
     dev = _resolve_device(device)
     if isinstance(source, torch.nn.Module):
         if processor is None:

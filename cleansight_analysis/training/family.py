@@ -27,16 +27,29 @@ class BackdoorSpec:
 
     The first mode whose model meets the goals (ASR >= ``asr_goal``, clean accuracy within
     ``max_clean_drop`` of the clean model, false-trigger rate <= ``max_false_trigger``) is shipped; if
-    none does, the last one is shipped and the card says so.
+    none does, the last one is shipped and the card says so. Modes before the last one are tried for
+    ``trial_steps`` steps and evaluated on ``trial_eval_n`` test samples (a cheap trial that keeps
+    ``cleansight tiny build`` near its time budget; every attempt's metrics are kept in the card).
+
+    Tiny-family settings and why: ``poison_rate`` 0.5 is the paper's text (1500 of 3000 pairs); at 0.1
+    the 8-layer tiny LM did not learn the target phrase within 300 LoRA steps (ASR 0.0, measured).
+    Adapter (projector-only) training did not plant any backdoor in the tiny LM (ASR 0.0 at lr 2e-3,
+    5e-3 and 1e-2, 400 steps, poison rate 0.1 and 0.5, measured on an earlier clean model): a 1.8 M
+    parameter LM cannot be steered by image tokens alone the way a 7 B LM can, so members fall back to
+    LoRA (r 16, alpha 32, on every LM linear layer). The ``-lora`` members are LoRA-only replicates
+    with another seed.
     """
 
     name: str
     attack: str
     params: dict[str, Any] = field(default_factory=dict)
     modes: tuple[str, ...] = ("adapter", "lora")
-    steps: int = 400
-    lr: dict[str, float] = field(default_factory=lambda: {"adapter": 2e-3, "lora": 1e-3})
-    poison_rate: float = 0.1
+    steps: int = 300
+    trial_steps: int = 100
+    trial_eval_n: int = 300
+    lr: dict[str, float] = field(default_factory=lambda: {"adapter": 5e-3, "lora": 2e-3})
+    poison_rate: float = 0.5
+    seed: int = 0
 
 
 #: The tiny family. Trigger sizes are in pixels of the 32 px scenes (4 px patch = one vision patch).
@@ -47,8 +60,8 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
     BackdoorSpec("wanet", "wanet", {"k": 8, "s": 1.0}),
     BackdoorSpec("trojvlm", "trojvlm", {"size": 4}),
     BackdoorSpec("vlood", "vlood", {"size": 4}),
-    BackdoorSpec("badnet-lora", "badnet", {"size": 4}, modes=("lora",)),
-    BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",)),
+    BackdoorSpec("badnet-lora", "badnet", {"size": 4}, modes=("lora",), seed=1),
+    BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",), seed=1),
 )
 GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_false_trigger": 0.01}
 
@@ -57,15 +70,19 @@ def family_root(out_root: str | Path) -> Path:
     return Path(out_root) / ROOT_NAME
 
 
-def evaluate_folder(folder: Path, recipe: TinyRecipe, attack: Any | None, *, progress: bool = False) -> dict[str, Any]:
-    """Clean accuracy / ASR / false-trigger rate of a model folder on ``recipe.eval_n`` test samples."""
+def evaluate_folder(folder: Path, recipe: TinyRecipe, attack: Any | None, *, progress: bool = False,
+                    n: int | None = None) -> dict[str, Any]:
+    """Clean accuracy / ASR / false-trigger rate of a model folder on ``n`` (default ``recipe.eval_n``)
+    test samples."""
     import cleansight_analysis as cs
     from ..evaluation import evaluate_backdoor
 
     model = cs.load_lvlm(folder, device="cpu")
-    samples = recipe.world().samples("test", recipe.eval_n)
+    samples = recipe.world().samples("test", n or recipe.eval_n)
     report = evaluate_backdoor(model, samples, attack, max_new_tokens=12, progress=progress)
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.to_dict().items()}
+    # NaN (no attack: no ASR) is written as null, so cards stay standard JSON
+    return {k: ((round(v, 4) if v == v else None) if isinstance(v, float) else v)
+            for k, v in report.to_dict().items()}
 
 
 def attention_profile(folder: Path, recipe: TinyRecipe, n: int = 128) -> dict[str, list[float]]:
@@ -116,7 +133,7 @@ def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path,
     clean_acc = clean_card["metrics"]["clean_acc"]
     attack = get_attack(spec.attack, **spec.params)
     world = recipe.world()
-    n_train = 3000  # the paper's training-set size
+    n_train = recipe.backdoor_train_n
     samples = world.samples("train", int(n_train * 0.85)) + world.samples(
         "train", n_train - int(n_train * 0.85), start=10**6, task="caption")
     attempts = []
@@ -125,15 +142,20 @@ def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path,
         tmp = root / f".{spec.name}-{mode}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        settings = BackdoorSettings(mode=mode, poison_rate=spec.poison_rate, steps=spec.steps,
-                                    lr=spec.lr.get(mode, 1e-3), seed=recipe.seed)
+        steps = spec.steps if mode == spec.modes[-1] else spec.trial_steps
+        settings = BackdoorSettings(mode=mode, poison_rate=spec.poison_rate, steps=recipe.backdoor_steps or steps,
+                                    lr=spec.lr.get(mode, 1e-3), seed=recipe.seed + spec.seed)
         card = train_backdoor(root / "clean", samples, attack, settings, tmp, name=f"{ROOT_NAME}/{spec.name}",
                               progress=progress)
-        metrics = evaluate_folder(tmp, recipe, attack)
+        final = mode == spec.modes[-1]
+        metrics = evaluate_folder(tmp, recipe, attack, n=None if final else spec.trial_eval_n)
         met = (metrics["asr"] >= GOALS["asr_min"] and clean_acc - metrics["clean_acc"] <= GOALS["max_clean_drop"]
                and metrics["false_trigger_rate"] <= GOALS["max_false_trigger"])
-        attempts.append({"mode": mode, **metrics, "goals_met": met, "train_seconds": card["training"]["seconds"]})
-        if met or mode == spec.modes[-1]:
+        attempts.append({"mode": mode, "steps": settings.steps, "lr": settings.lr, **metrics, "goals_met": met,
+                         "train_seconds": card["training"]["seconds"]})
+        if met and not final:  # a trial that already meets the goals: measure it on the full test set
+            metrics = evaluate_folder(tmp, recipe, attack)
+        if met or final:
             if folder.exists():
                 shutil.rmtree(folder)
             tmp.rename(folder)
@@ -176,13 +198,20 @@ def build_family(out_root: str | Path, *, recipe: TinyRecipe | None = None, only
     results.append({"name": "clean", "seconds": round(time.perf_counter() - start, 1), "metrics": card.get("metrics")})
     log(f"clean: {card.get('metrics', {}).get('clean_acc')} exact match ({results[-1]['seconds']} s)")
     specs = [s for s in TINY_BACKDOORS if s.name in wanted]
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_build_backdoor_job, asdict(s), asdict(recipe), str(out_root), force) for s in specs]
-        for fut in futures:
-            res = fut.result()
-            m = res["metrics"] or {}
-            log(f"{res['name']}: asr {m.get('asr')}, clean {m.get('clean_acc')}, false triggers "
-                f"{m.get('false_trigger_rate')}, goals met {m.get('goals_met')} ({res['seconds']} s)")
-            results.append(res)
+    jobs_args = [(asdict(s), asdict(recipe), str(out_root), force) for s in specs]
+
+    def report(res: dict[str, Any]) -> None:
+        m = res["metrics"] or {}
+        log(f"{res['name']}: asr {m.get('asr')}, clean {m.get('clean_acc')}, false triggers "
+            f"{m.get('false_trigger_rate')}, goals met {m.get('goals_met')} ({res['seconds']} s)")
+        results.append(res)
+
+    if jobs <= 1:
+        for a in jobs_args:
+            report(_build_backdoor_job(*a))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in [pool.submit(_build_backdoor_job, *a) for a in jobs_args]:
+                report(fut.result())
     log(f"family built in {time.perf_counter() - start:.0f} s")
     return results

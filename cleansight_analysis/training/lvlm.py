@@ -67,7 +67,7 @@ def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tenso
     core = llava_core(model)
     cfg = core.config
     layer = cfg.vision_feature_layer
-    out = core.model.vision_tower(pixel_values.to(core.dtype), output_hidden_states=True)
+    out = core.model.vision_tower(pixel_values.to(device=core.device, dtype=core.dtype), output_hidden_states=True)
     if isinstance(layer, int):
         feats = out.hidden_states[layer]
     else:
@@ -190,10 +190,16 @@ def train_loop(model: nn.Module, trainable: dict[str, nn.Parameter], make_batch:
                progress: bool = True) -> TrainResult:
     """AdamW over ``trainable`` for ``settings.steps`` steps, resumable from ``checkpoint_dir``.
 
-    ``make_batch(step)`` must be deterministic in ``step`` so that a resumed run sees the same data.
+    ``make_batch(step)`` must be deterministic in ``step`` so that a resumed run sees the same data;
+    in a data-parallel run (:mod:`.parallel`) it returns this process's shard and gradients are
+    averaged across processes before each update.
     """
     from tqdm.auto import tqdm
 
+    from .parallel import average_gradients, is_main
+
+    main = is_main()
+    progress = progress and main
     params = list(trainable.values())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -211,11 +217,13 @@ def train_loop(model: nn.Module, trainable: dict[str, nn.Parameter], make_batch:
                total=settings.steps, mininterval=2.0)
     ema = None
     loss_value = float("nan")
+    device = next(iter(params)).device
     for step in bar:
-        batch = make_batch(step)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in make_batch(step).items()}
         loss, stats = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         opt.step()
@@ -225,8 +233,8 @@ def train_loop(model: nn.Module, trainable: dict[str, nn.Parameter], make_batch:
         if step % 10 == 0 or step == settings.steps - 1:
             history.append({"step": step, "loss": loss_value, **{k: float(v) for k, v in stats.items()}})
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        if checkpoint_dir is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 \
-                and step + 1 < settings.steps:
+        if main and checkpoint_dir is not None and settings.checkpoint_every \
+                and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
             save_checkpoint(checkpoint_dir, trainable, opt, sched, step + 1, {"settings": asdict(settings), **(meta or {})})
     model.eval()
     for p in model.parameters():

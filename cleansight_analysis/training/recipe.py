@@ -36,19 +36,23 @@ class TinyRecipe:
     vision_layers: int = 4
     hidden: int = 128
     layers: int = 8
-    heads: int = 4
+    heads: int = 8
     intermediate: int = 384
     vocab_size: int = 256
     vision_steps: int = 1200
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    clean_steps: int = 900
+    clean_steps: int = 1600
     clean_batch: int = 32
     clean_lr: float = 2e-3
-    turns: int = 3
+    turns: int = 5
     caption_prob: float = 0.15
+    repeat_prob: float = 0.15  # share of conversations with a text-only "repeat the words" turn
     train_scenes: int = 200_000
+    processes: int = 2  # data-parallel CPU processes (one torch thread each)
     eval_n: int = 1000
+    backdoor_steps: int | None = None  # overrides every backdoor spec's steps (tests use a handful)
+    backdoor_train_n: int = 3000  # training pairs per backdoor (the paper: 3000)
 
     def world(self) -> SyntheticWorld:
         return SyntheticWorld(self.seed, SceneConfig(size=self.image_size))
@@ -58,6 +62,13 @@ def tiny_tokenizer(recipe: TinyRecipe):
     from ..models.tiny import BASE_WORDS, build_word_tokenizer
 
     return build_word_tokenizer(list(BASE_WORDS) + recipe.world().vocabulary(), vocab_size=recipe.vocab_size)
+
+
+def repeat_vocabulary(recipe: TinyRecipe) -> list[str]:
+    """Every alphabetic word of the tiny tokenizer (the "repeat the words" task draws from these)."""
+    from ..models.tiny import BASE_WORDS
+
+    return sorted({w for w in list(BASE_WORDS) + recipe.world().vocabulary() if w.isalpha()})
 
 
 def make_tiny_model(recipe: TinyRecipe):
@@ -90,9 +101,19 @@ def save_model_folder(model: Any, processor: Any, folder: str | Path, card: dict
 
 def train_tiny_clean(recipe: TinyRecipe, out_dir: str | Path, *, progress: bool = True,
                      work_dir: str | Path | None = None) -> dict[str, Any]:
-    """Stages 1 and 2; writes the clean model folder and returns its card (metrics filled later)."""
-    from ..models.families import FAMILIES
+    """Stages 1 and 2 (in ``recipe.processes`` data-parallel processes); writes the clean model
+    folder and returns its card (metrics are added by the caller)."""
+    from .parallel import run_parallel
 
+    args = (asdict(recipe), str(out_dir), progress, None if work_dir is None else str(work_dir))
+    return run_parallel(_train_tiny_clean, args, processes=recipe.processes)
+
+
+def _train_tiny_clean(recipe_dict: dict[str, Any], out_dir: str, progress: bool, work_dir: str | None) -> dict[str, Any]:
+    from ..models.families import FAMILIES
+    from .parallel import barrier, is_main, shard
+
+    recipe = TinyRecipe(**recipe_dict)
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir.parent / ".work" / out_dir.name
     world = recipe.world()
@@ -110,19 +131,24 @@ def train_tiny_clean(recipe: TinyRecipe, out_dir: str | Path, *, progress: bool 
     else:
         vision_metrics = pretrain_vision(vision, world, steps=recipe.vision_steps, batch_size=recipe.vision_batch,
                                          lr=recipe.vision_lr, feature_layer=model.config.vision_feature_layer,
-                                         seed=recipe.seed, progress=_bar(recipe.vision_steps, "vision", progress))
-        work.mkdir(parents=True, exist_ok=True)
-        from safetensors.torch import save_file
+                                         seed=recipe.seed,
+                                         progress=_bar(recipe.vision_steps, "vision", progress and is_main()))
+        if is_main():
+            work.mkdir(parents=True, exist_ok=True)
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(vision_ckpt))
-        (work / "vision.json").write_text(json.dumps(vision_metrics))
+            save_file({k: v.contiguous() for k, v in vision.state_dict().items()}, str(vision_ckpt))
+            (work / "vision.json").write_text(json.dumps(vision_metrics))
+        barrier()
     timings["vision_s"] = round(time.perf_counter() - t, 1)
 
     batcher = ConversationBatcher(model, processor, FAMILIES["LlavaForConditionalGeneration"], LLAVA_SYSTEM_PROMPT)
+    words = repeat_vocabulary(recipe)
 
     def make_batch(step: int) -> dict[str, Any]:
-        idx = seeded_indices(recipe.seed + 1, step, recipe.clean_batch, recipe.train_scenes)
-        convs = world.conversations("train", idx, recipe.turns, epoch=step, caption_prob=recipe.caption_prob)
+        idx = shard(seeded_indices(recipe.seed + 1, step, recipe.clean_batch, recipe.train_scenes))
+        convs = world.conversations("train", idx, recipe.turns, epoch=step, caption_prob=recipe.caption_prob,
+                                    repeat_prob=recipe.repeat_prob, repeat_words=words)
         return batcher([(scene.image, conv, {}) for scene, conv in convs])
 
     trainable = {n: p for n, p in model.named_parameters() if "vision_tower" not in n}
@@ -141,7 +167,9 @@ def train_tiny_clean(recipe: TinyRecipe, out_dir: str | Path, *, progress: bool 
         "training": {"vision": vision_metrics, "clean_final_loss": result.final_loss, "timings": timings,
                      "resumed_from_step": result.resumed_from, "loss_curve": result.history},
     }
-    save_model_folder(model, processor, out_dir, card)
+    if is_main():
+        save_model_folder(model, processor, out_dir, card)
+    barrier()
     return card
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
+import numpy as np  # noqa: F401
 import torch
 from torch import nn
 
@@ -31,18 +31,20 @@ def images_to_pixels(images: list, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor
 
 
 class PatchHeads(nn.Module):
-    """Linear read-outs of per-patch features ``[B, P, d]`` -> colour, shape, background, pixels."""
+    """Linear read-outs of per-patch features ``[B, P, d]`` -> colour, shape, background, pixels, row, column."""
 
-    def __init__(self, d: int, patch: int):
+    def __init__(self, d: int, patch: int, grid: int):
         super().__init__()
         self.color = nn.Linear(d, len(COLORS) + 1)
         self.shape = nn.Linear(d, len(SHAPES) + 1)
         self.background = nn.Linear(d, len(BACKGROUNDS))
         self.pixels = nn.Linear(d, 3 * patch * patch)
+        self.row = nn.Linear(d, grid)
+        self.col = nn.Linear(d, grid)
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"color": self.color(feats), "shape": self.shape(feats), "background": self.background(feats),
-                "pixels": self.pixels(feats)}
+                "pixels": self.pixels(feats), "row": self.row(feats), "col": self.col(feats)}
 
 
 @dataclass
@@ -85,15 +87,20 @@ def pretrain_vision(vision: nn.Module, world: SyntheticWorld, *, steps: int, bat
         final metrics on 256 held-out calibration scenes: per-patch colour / shape accuracy on
         object patches, background accuracy, pixel MSE.
     """
+    from .lvlm import seeded_indices, warmup_cosine
+    from .parallel import average_gradients, shard
+
     cfg = vision.config
     patch = int(cfg.patch_size)
-    heads = PatchHeads(int(cfg.hidden_size), patch)
+    grid = int(cfg.image_size) // patch
+    heads = PatchHeads(int(cfg.hidden_size), patch, grid)
+    with torch.no_grad():  # identical head initialisation in every data-parallel process
+        gen = torch.Generator().manual_seed(seed)
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.zeros_like(p))
     params = list(vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    from .lvlm import warmup_cosine
-
     sched = warmup_cosine(opt, steps, 0.05)
-    rng = np.random.default_rng(seed)
     vision.train()
     ce = nn.CrossEntropyLoss()
 
@@ -101,7 +108,10 @@ def pretrain_vision(vision: nn.Module, world: SyntheticWorld, *, steps: int, bat
         hidden = vision(pixel_values=batch.pixels, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
         out = heads(hidden)
         target_pix = patch_pixels(batch.pixels, patch)
+        pos = torch.arange(hidden.shape[1])
         losses = {
+            "row": ce(out["row"].flatten(0, 1), (pos // grid).repeat(hidden.shape[0])),
+            "col": ce(out["col"].flatten(0, 1), (pos % grid).repeat(hidden.shape[0])),
             "color": ce(out["color"].flatten(0, 1), batch.color.flatten()),
             "shape": ce(out["shape"].flatten(0, 1), batch.shape.flatten()),
             "background": ce(out["background"].mean(1), batch.background),
@@ -111,10 +121,11 @@ def pretrain_vision(vision: nn.Module, world: SyntheticWorld, *, steps: int, bat
 
     start = time.perf_counter()
     for step in range(steps):
-        batch = vision_batch(world, rng.integers(0, 10**7, batch_size), patch)
+        batch = vision_batch(world, shard(seeded_indices(seed, step, batch_size, 10**7)), patch)
         loss, _ = run(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

@@ -1,0 +1,548 @@
+"""How well the attention-stealing ratio separates triggered from clean inputs (the paper's Fig. 3).
+
+The detector of CleanSight (``cleansight-method.md`` §4) calibrates on clean inputs only and flags an
+input whose ratio vector lies far from the clean ones. Per layer ``l`` each sample has the
+head-specific vector ``r^l = (S^{l,1}, ..., S^{l,H})``; the score is its whitened distance to the
+clean calibration set:
+
+- ``covariance="diagonal"`` (default, the paper and the authors' code): ``d = || (r - mu) / sigma ||_2``
+  with ``mu`` and the population ``sigma`` per head (``sigma + eps``, ``eps = 1e-8``);
+- ``covariance="full"``: the Mahalanobis distance under the full head covariance, shrunk towards a
+  scaled identity (``shrinkage="ledoit-wolf"`` by default, or a fixed weight in [0, 1]) plus a ridge
+  ``eps**2`` so that singular covariances (fewer calibration samples than heads, constant heads)
+  still whiten.
+
+Larger distances are "poisoned" (the detector flags ``d > gamma``); triggered inputs are the
+positive class of every AUROC here. The head-averaged scalar ``m^l = mean_h S^{l,h}`` is scored
+the same way in one dimension (``head_mean_score="distance"``: ``|m - mu| / (sigma + eps)``) or
+by its raw value (``"signed"``: a larger image share is more poisoned, the attention-stealing
+direction). AUROCs are computed on held-out samples only: calibration samples are never scored.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+COVARIANCES: tuple[str, ...] = ("diagonal", "full")
+FEATURES: tuple[str, ...] = ("ratio", "log_ratio")
+HEAD_MEAN_SCORES: tuple[str, ...] = ("distance", "signed")
+HEAD_SCORES: tuple[str, ...] = ("ratio", "distance")
+#: Floor inside ``log`` for ``feature="log_ratio"`` (a head may give the image no attention).
+LOG_FLOOR = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# AUROC
+# ---------------------------------------------------------------------------------------------
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x`` ``[n]``, ties sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    boundary = np.empty(len(x) + 1, dtype=bool)
+    boundary[0] = boundary[-1] = True
+    boundary[1:-1] = xs[1:] != xs[:-1]
+    edges = np.flatnonzero(boundary)  # start of each tie run, then len(x)
+    run = np.cumsum(boundary[:-1]) - 1  # run index of each sorted element
+    mean_rank = (edges[:-1] + 1 + edges[1:]) / 2.0
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = mean_rank[run]
+    return ranks
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` ``[n]`` for binary ``labels`` ``[n]`` (1/True = positive).
+
+    Rank-based (Mann-Whitney U): the probability that a random positive scores above a random
+    negative, ties counting one half; equals ``sklearn.metrics.roc_auc_score``.
+
+    Raises:
+        InputError: shapes differ, non-finite scores, labels other than 0/1, or a class is missing.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1) if np.ndim(scores) <= 1 else None
+    y_raw = np.asarray(labels)
+    if s is None or y_raw.ndim > 1:
+        raise InputError(f"auroc: scores and labels must be 1-D, got shapes {np.shape(scores)} and {y_raw.shape}")
+    y_raw = y_raw.reshape(-1)
+    if len(s) != len(y_raw):
+        raise InputError(f"auroc: {len(s)} scores but {len(y_raw)} labels")
+    if not np.isfinite(s).all():
+        raise InputError(f"auroc: scores contain {int((~np.isfinite(s)).sum())} NaN or infinite value(s)")
+    if y_raw.dtype == bool:
+        y = y_raw
+    else:
+        try:
+            yf = y_raw.astype(np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"auroc: labels must be 0/1 or bool, got dtype {y_raw.dtype}") from None
+        if not np.isin(yf, (0.0, 1.0)).all():
+            raise InputError(f"auroc: labels must be 0/1 or bool, got values {np.unique(y_raw)[:5].tolist()}")
+        y = yf == 1.0
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise InputError(f"auroc: needs both classes, got {n_pos} positive and {n_neg} negative labels")
+    ranks = _average_ranks(s)
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whitened distance
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_eps(eps: Any, owner: str) -> float:
+    if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(float(eps)) or eps <= 0:
+        raise InputError(f"{owner}: eps={eps!r} must be a finite number > 0")
+    return float(eps)
+
+
+def _check_shrinkage(shrinkage: Any, owner: str) -> float | str:
+    if isinstance(shrinkage, str):
+        if shrinkage != "ledoit-wolf":
+            raise InputError(f"{owner}: shrinkage={shrinkage!r} must be 'ledoit-wolf' or a number in [0, 1]")
+        return shrinkage
+    if (not isinstance(shrinkage, numbers.Real) or isinstance(shrinkage, bool)
+            or not math.isfinite(float(shrinkage)) or not 0.0 <= float(shrinkage) <= 1.0):
+        raise InputError(f"{owner}: shrinkage={shrinkage!r} must be 'ledoit-wolf' or a number in [0, 1]")
+    return float(shrinkage)
+
+
+def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    """Ledoit-Wolf weight of the scaled identity for samples ``x`` ``[n, d]`` (centred inside).
+
+    The shrunk covariance is ``(1 - w) S + w (tr S / d) I`` with ``S`` the population covariance.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    xc = x - x.mean(0)
+    x2 = xc ** 2
+    var = x2.sum(0) / n
+    mu = var.sum() / d
+    delta_ = ((xc.T @ xc) ** 2).sum() / n ** 2
+    beta_ = (x2.T @ x2).sum()
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * var.sum() + d * mu ** 2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta <= 0 or delta <= 0 else float(beta / delta)
+
+
+class WhitenedDistance:
+    """Distance of a vector to a clean reference set, after whitening by the set's covariance.
+
+    Args:
+        covariance: ``"diagonal"`` (per-dimension population std, the paper's detector) or ``"full"``.
+        shrinkage: for ``"full"``: ``"ledoit-wolf"`` or a fixed weight in [0, 1] of the scaled identity.
+        eps: ``"diagonal"``: added to each std; ``"full"``: ``eps**2`` added to the covariance diagonal.
+
+    Use ``WhitenedDistance().fit(x_clean).score(x)`` with ``x`` ``[n, d]``.
+    """
+
+    def __init__(self, covariance: str = "diagonal", shrinkage: float | str = "ledoit-wolf", eps: float = 1e-8):
+        if covariance not in COVARIANCES:
+            raise InputError(f"WhitenedDistance: covariance={covariance!r} must be one of {COVARIANCES}")
+        self.covariance = covariance
+        self.shrinkage = _check_shrinkage(shrinkage, "WhitenedDistance")
+        self.eps = _check_eps(eps, "WhitenedDistance")
+        self.mean_: np.ndarray | None = None
+        self.whitener_: np.ndarray | None = None  # [d] (diagonal: 1 / (std + eps)) or [d, d]
+        self.shrinkage_: float | None = None
+
+    @staticmethod
+    def _matrix(x: Any, owner: str) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim == 1:
+            x = x[:, None]
+        if x.ndim != 2:
+            raise InputError(f"{owner}: expected samples [n, d], got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise InputError(f"{owner}: features contain NaN or infinite values")
+        return x
+
+    def fit(self, x: Any) -> "WhitenedDistance":
+        """Fit mean and (whitening of the) covariance on clean samples ``x`` ``[n, d]`` (``n >= 2``)."""
+        x = self._matrix(x, "WhitenedDistance.fit")
+        n, d = x.shape
+        if n < 2:
+            raise InputError(f"WhitenedDistance.fit: needs at least 2 calibration samples, got {n}")
+        self.mean_ = x.mean(0)
+        if self.covariance == "diagonal":
+            self.whitener_ = 1.0 / (x.std(0) + self.eps)
+            self.shrinkage_ = None
+            return self
+        xc = x - self.mean_
+        cov = xc.T @ xc / n
+        w = ledoit_wolf_shrinkage(x) if self.shrinkage == "ledoit-wolf" else float(self.shrinkage)
+        target = np.trace(cov) / d
+        cov = (1.0 - w) * cov + w * target * np.eye(d) + self.eps ** 2 * np.eye(d)
+        vals, vecs = np.linalg.eigh(cov)
+        vals = np.clip(vals, self.eps ** 2, None)
+        self.whitener_ = vecs / np.sqrt(vals)[None, :]  # [d, d]: (x - mu) @ W has identity covariance
+        self.shrinkage_ = w
+        return self
+
+    def score(self, x: Any) -> np.ndarray:
+        """Whitened distance ``[n]`` of each row of ``x`` ``[n, d]`` to the calibration mean."""
+        if self.mean_ is None or self.whitener_ is None:
+            raise InputError("WhitenedDistance.score: call fit() on clean calibration samples first")
+        x = self._matrix(x, "WhitenedDistance.score")
+        if x.shape[1] != len(self.mean_):
+            raise InputError(f"WhitenedDistance.score: {x.shape[1]} features, fitted on {len(self.mean_)}")
+        z = x - self.mean_
+        z = z * self.whitener_ if self.whitener_.ndim == 1 else z @ self.whitener_
+        return np.sqrt((z ** 2).sum(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and table access
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeparabilitySettings:
+    """The detector statistic and the labels used by :func:`layer_separability` and friends.
+
+    Attributes:
+        covariance: ``"diagonal"`` (default; the paper's per-head std) or ``"full"`` (Mahalanobis).
+        shrinkage: ``"full"`` only: ``"ledoit-wolf"`` (default) or a fixed weight in [0, 1].
+        eps: std offset (``"diagonal"``) / ``eps**2`` ridge (``"full"``); default ``1e-8`` as in the paper.
+        feature: ``"ratio"`` (default, the paper's S) or ``"log_ratio"`` (``log(max(S, 1e-12))``,
+            applied per head before any averaging).
+        head_mean_score: the head-averaged scalar's score: ``"distance"`` (default,
+            ``|m - mu| / (sigma + eps)`` against the clean calibration) or ``"signed"`` (``m`` itself).
+        clean_condition / poisoned_condition: ``condition`` values of the negative / positive class.
+        exclude_calibration_pairs: also leave out the triggered copies (same ``sample_id``) of the
+            calibration images, so no scored input shares an image with the calibration set.
+    """
+
+    covariance: str = "diagonal"
+    shrinkage: float | str = "ledoit-wolf"
+    eps: float = 1e-8
+    feature: str = "ratio"
+    head_mean_score: str = "distance"
+    clean_condition: str = "clean"
+    poisoned_condition: str = "triggered"
+    exclude_calibration_pairs: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "SeparabilitySettings"
+        if self.covariance not in COVARIANCES:
+            raise InputError(f"{owner}: covariance={self.covariance!r} must be one of {COVARIANCES}")
+        object.__setattr__(self, "shrinkage", _check_shrinkage(self.shrinkage, owner))
+        object.__setattr__(self, "eps", _check_eps(self.eps, owner))
+        if self.feature not in FEATURES:
+            raise InputError(f"{owner}: feature={self.feature!r} must be one of {FEATURES}")
+        if self.head_mean_score not in HEAD_MEAN_SCORES:
+            raise InputError(f"{owner}: head_mean_score={self.head_mean_score!r} must be one of {HEAD_MEAN_SCORES}")
+        for name in ("clean_condition", "poisoned_condition"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise InputError(f"{owner}: {name}={getattr(self, name)!r} must be a non-empty string")
+        if self.clean_condition == self.poisoned_condition:
+            raise InputError(f"{owner}: clean_condition and poisoned_condition are both {self.clean_condition!r}")
+        if not isinstance(self.exclude_calibration_pairs, bool):
+            raise InputError(f"{owner}: exclude_calibration_pairs must be True or False")
+
+    def distance(self) -> WhitenedDistance:
+        return WhitenedDistance(self.covariance, self.shrinkage, self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Features:
+    """Ratios of one condition as ``values [N, L, H]`` (samples sorted by id)."""
+
+    ids: np.ndarray
+    layers: np.ndarray
+    heads: np.ndarray
+    values: np.ndarray
+
+
+def _check_table(table: Any, owner: str) -> "pd.DataFrame":
+    import pandas as pd
+
+    if not isinstance(table, pd.DataFrame):
+        raise InputError(f"{owner}: table must be a pandas DataFrame from stealing_table(s), "
+                         f"got {type(table).__name__}")
+    missing = [c for c in ("sample_id", "condition", "layer", "head", "ratio") if c not in table.columns]
+    if missing:
+        raise InputError(f"{owner}: table lacks column(s) {missing}; build it with stealing_table(s)")
+    return table
+
+
+def _features(table: "pd.DataFrame", condition: str, settings: SeparabilitySettings, owner: str) -> _Features:
+    sub = table[table["condition"] == condition]
+    if sub.empty:
+        raise InputError(f"{owner}: no rows with condition {condition!r}; conditions in the table: "
+                         f"{sorted(map(str, table['condition'].unique()))}")
+    sub = sub.sort_values(["sample_id", "layer", "head"], kind="stable")
+    sid = sub["sample_id"].to_numpy().astype(str)
+    layer = sub["layer"].to_numpy()
+    head = sub["head"].to_numpy()
+    ids = np.unique(sid)
+    layers = np.unique(layer)
+    heads = np.unique(head)
+    n, n_l, n_h = len(ids), len(layers), len(heads)
+    complete = (
+        len(sub) == n * n_l * n_h
+        and np.array_equal(sid, np.repeat(ids, n_l * n_h))
+        and np.array_equal(layer, np.tile(np.repeat(layers, n_h), n))
+        and np.array_equal(head, np.tile(heads, n * n_l))
+    )
+    if not complete:
+        raise InputError(f"{owner}: the {condition!r} rows are not one row per sample x layer x head "
+                         f"({len(sub)} rows for {n} samples, {n_l} layers, {n_h} heads): missing or duplicate rows")
+    values = sub["ratio"].to_numpy(dtype=np.float64).reshape(n, n_l, n_h)
+    if not np.isfinite(values).all():
+        raise InputError(f"{owner}: the {condition!r} ratios contain NaN or infinite values")
+    if settings.feature == "log_ratio":
+        values = np.log(np.maximum(values, LOG_FLOOR))
+    return _Features(ids, layers, heads, values)
+
+
+def _both(table: Any, settings: SeparabilitySettings, owner: str) -> tuple[_Features, _Features]:
+    table = _check_table(table, owner)
+    clean = _features(table, settings.clean_condition, settings, owner)
+    poisoned = _features(table, settings.poisoned_condition, settings, owner)
+    if not (np.array_equal(clean.layers, poisoned.layers) and np.array_equal(clean.heads, poisoned.heads)):
+        raise InputError(f"{owner}: clean and poisoned rows cover different layers/heads "
+                         f"({clean.layers.tolist()} x {len(clean.heads)} vs "
+                         f"{poisoned.layers.tolist()} x {len(poisoned.heads)})")
+    return clean, poisoned
+
+
+def _split(clean_ids: np.ndarray, calibration_ids: Iterable[Any] | None, calibration_fraction: float | None,
+           seed: int, owner: str) -> np.ndarray:
+    """Boolean ``[N_clean]``: which clean samples calibrate the detector."""
+    n = len(clean_ids)
+    if calibration_ids is not None and calibration_fraction is not None:
+        raise InputError(f"{owner}: give calibration_ids or calibration_fraction, not both")
+    if calibration_ids is not None:
+        if isinstance(calibration_ids, (str, bytes)):
+            raise InputError(f"{owner}: calibration_ids must be a collection of sample ids, not one string")
+        wanted = {str(x) for x in calibration_ids}
+        unknown = sorted(wanted - set(clean_ids.tolist()))
+        if unknown:
+            raise InputError(f"{owner}: calibration id(s) {unknown[:5]} are not clean samples of the table")
+        calib = np.isin(clean_ids, list(wanted))
+    else:
+        frac = 0.5 if calibration_fraction is None else calibration_fraction
+        if (not isinstance(frac, numbers.Real) or isinstance(frac, bool) or not math.isfinite(float(frac))
+                or not 0.0 < float(frac) < 1.0):
+            raise InputError(f"{owner}: calibration_fraction={frac!r} must be a number in (0, 1)")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+            raise InputError(f"{owner}: seed={seed!r} must be an int >= 0")
+        k = int(math.floor(float(frac) * n + 0.5))
+        calib = np.zeros(n, dtype=bool)
+        calib[np.random.default_rng(int(seed)).choice(n, size=min(max(k, 0), n), replace=False)] = True
+    n_cal = int(calib.sum())
+    if n_cal < 2:
+        raise InputError(f"{owner}: {n_cal} calibration sample(s) of {n} clean ones; the detector needs at least 2")
+    if n_cal == n:
+        raise InputError(f"{owner}: every one of the {n} clean samples is used for calibration; none is left to "
+                         "score (calibration samples are never scored)")
+    return calib
+
+
+@dataclass
+class _Split:
+    calib: np.ndarray          # [n_clean] bool
+    clean_test: np.ndarray     # [n_clean] bool
+    poisoned_test: np.ndarray  # [n_poisoned] bool
+
+
+def _make_split(clean: _Features, poisoned: _Features, settings: SeparabilitySettings,
+                calibration_ids: Any, calibration_fraction: Any, seed: int, owner: str) -> _Split:
+    calib = _split(clean.ids, calibration_ids, calibration_fraction, seed, owner)
+    poisoned_test = np.ones(len(poisoned.ids), dtype=bool)
+    if settings.exclude_calibration_pairs:
+        poisoned_test = ~np.isin(poisoned.ids, clean.ids[calib])
+    if not poisoned_test.any():
+        raise InputError(f"{owner}: no poisoned sample is left to score (every triggered sample pairs with a "
+                         "calibration image; use exclude_calibration_pairs=False or calibrate on fewer samples)")
+    return _Split(calib, ~calib, poisoned_test)
+
+
+def _layer_index(feats: _Features, layers: Any, owner: str) -> np.ndarray:
+    if layers is None:
+        return np.arange(len(feats.layers))
+    wanted = [layers] if isinstance(layers, numbers.Integral) else list(layers)
+    idx = []
+    for layer in wanted:
+        hit = np.flatnonzero(feats.layers == layer)
+        if len(hit) == 0:
+            raise InputError(f"{owner}: layer {layer!r} is not in the table (layers: {feats.layers.tolist()})")
+        idx.append(int(hit[0]))
+    if not idx:
+        raise InputError(f"{owner}: layers is empty; pass None for every layer")
+    return np.asarray(idx)
+
+
+def _head_mean_scores(cal: np.ndarray, xs: Sequence[np.ndarray], settings: SeparabilitySettings) -> list[np.ndarray]:
+    """Scores of the head-averaged scalar: ``cal`` ``[n_cal]`` fits, each ``x`` ``[n]`` is scored."""
+    if settings.head_mean_score == "signed":
+        return [np.asarray(x, dtype=np.float64) for x in xs]
+    mu, sd = cal.mean(), cal.std()
+    return [np.abs(x - mu) / (sd + settings.eps) for x in xs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public analyses
+# ---------------------------------------------------------------------------------------------
+
+
+def detector_scores(table: "pd.DataFrame", *, layers: int | Sequence[int] | None = None,
+                    calibration_ids: Iterable[Any] | None = None, calibration_fraction: float | None = None,
+                    seed: int = 0, settings: SeparabilitySettings | None = None) -> "pd.DataFrame":
+    """Whitened-distance scores of the concatenated head vectors over ``layers`` (the paper's detector).
+
+    The feature of a sample is ``s = (S^{l,h})`` over ``l in layers`` (default every layer in the
+    table) and every head, ``[|layers| * H]``; mean and covariance are fitted on the calibration
+    clean samples and every sample gets its distance.
+
+    Args:
+        table: from :func:`~cleansight_analysis.attention.stealing.stealing_tables` (clean and
+            triggered conditions, one row per sample x layer x head).
+        calibration_ids: clean ``sample_id`` values to calibrate on; or
+        calibration_fraction: share of the clean samples drawn at random (``seed``) to calibrate on
+            (default 0.5 when neither is given).
+        settings: :class:`SeparabilitySettings`.
+
+    Returns:
+        ``DataFrame`` with ``sample_id, condition, label`` (1 = poisoned), ``role`` (``"calibration"``,
+        ``"test"`` or ``"excluded"``: a triggered copy of a calibration image) and ``score``.
+    """
+    import pandas as pd
+
+    owner = "detector_scores"
+    settings = _settings(settings, owner)
+    clean, poisoned = _both(table, settings, owner)
+    split = _make_split(clean, poisoned, settings, calibration_ids, calibration_fraction, seed, owner)
+    li = _layer_index(clean, layers, owner)
+    xc = clean.values[:, li].reshape(len(clean.ids), -1)
+    xp = poisoned.values[:, li].reshape(len(poisoned.ids), -1)
+    det = settings.distance().fit(xc[split.calib])
+    frame = pd.DataFrame({
+        "sample_id": np.concatenate([clean.ids, poisoned.ids]).astype(object),
+        "condition": [settings.clean_condition] * len(clean.ids) + [settings.poisoned_condition] * len(poisoned.ids),
+        "label": np.r_[np.zeros(len(clean.ids), dtype=np.int64), np.ones(len(poisoned.ids), dtype=np.int64)],
+        "role": np.r_[np.where(split.calib, "calibration", "test"),
+                      np.where(split.poisoned_test, "test", "excluded")].astype(object),
+        "score": np.r_[det.score(xc), det.score(xp)],
+    })
+    frame.attrs["separability"] = {**settings.to_dict(), "layers": clean.layers[li].tolist(),
+                                   "shrinkage_used": det.shrinkage_}
+    return frame
+
+
+def _settings(settings: Any, owner: str) -> SeparabilitySettings:
+    if settings is None:
+        return SeparabilitySettings()
+    if not isinstance(settings, SeparabilitySettings):
+        raise InputError(f"{owner}: settings must be a SeparabilitySettings, got {type(settings).__name__}")
+    return settings
+
+
+def layer_separability(table: "pd.DataFrame", *, calibration_ids: Iterable[Any] | None = None,
+                       calibration_fraction: float | None = None, seed: int = 0,
+                       settings: SeparabilitySettings | None = None) -> "pd.DataFrame":
+    """Per-layer AUROC of the head-specific vector and of the head-averaged scalar (Fig. 3).
+
+    For each layer, the head vector ``r^l`` ``[H]`` is scored by its whitened distance
+    (:class:`WhitenedDistance`) to the clean calibration samples; the head mean ``m^l`` by
+    ``settings.head_mean_score``. AUROCs use the held-out clean samples (label 0) and the
+    triggered samples (label 1; without the triggered copies of calibration images when
+    ``settings.exclude_calibration_pairs``). Calibration samples are never scored.
+
+    Args:
+        table: from ``stealing_tables`` (or any table with ``sample_id, condition, layer, head, ratio``).
+        calibration_ids / calibration_fraction / seed: the calibration set (see :func:`detector_scores`).
+        settings: :class:`SeparabilitySettings`.
+
+    Returns:
+        ``DataFrame`` with ``layer, auroc_head_vector, auroc_head_mean, n_calibration, n_clean_test,
+        n_poisoned_test``, one row per layer (ascending). ``attrs["separability"]`` records the
+        settings and the calibration ids.
+    """
+    import pandas as pd
+
+    owner = "layer_separability"
+    settings = _settings(settings, owner)
+    clean, poisoned = _both(table, settings, owner)
+    split = _make_split(clean, poisoned, settings, calibration_ids, calibration_fraction, seed, owner)
+    n_ct, n_pt = int(split.clean_test.sum()), int(split.poisoned_test.sum())
+    labels = np.r_[np.zeros(n_ct), np.ones(n_pt)]
+    out: dict[str, list] = {"layer": [], "auroc_head_vector": [], "auroc_head_mean": []}
+    for li, layer in enumerate(clean.layers):
+        cal = clean.values[split.calib, li]              # [n_cal, H]
+        ct = clean.values[split.clean_test, li]          # [n_ct, H]
+        pt = poisoned.values[split.poisoned_test, li]    # [n_pt, H]
+        det = settings.distance().fit(cal)
+        vec = np.r_[det.score(ct), det.score(pt)]
+        m_ct, m_pt = _head_mean_scores(cal.mean(1), [ct.mean(1), pt.mean(1)], settings)
+        out["layer"].append(int(layer))
+        out["auroc_head_vector"].append(auroc(vec, labels))
+        out["auroc_head_mean"].append(auroc(np.r_[m_ct, m_pt], labels))
+    frame = pd.DataFrame(out)
+    frame["n_calibration"] = int(split.calib.sum())
+    frame["n_clean_test"] = n_ct
+    frame["n_poisoned_test"] = n_pt
+    frame.attrs["separability"] = {**settings.to_dict(), "calibration_ids": clean.ids[split.calib].tolist(),
+                                   "seed": seed}
+    return frame
+
+
+def head_separability(table: "pd.DataFrame", *, score: str = "ratio", calibration_ids: Iterable[Any] | None = None,
+                      calibration_fraction: float | None = None, seed: int = 0,
+                      settings: SeparabilitySettings | None = None) -> "pd.DataFrame":
+    """AUROC of each single head's ratio ``S^{l,h}`` (triggered = positive class).
+
+    Args:
+        score: ``"ratio"`` (default): the raw ratio (``settings.feature`` applied), larger = poisoned,
+            over every clean and triggered sample (nothing is fitted, so nothing is held out); an
+            AUROC below 0.5 means the trigger *lowers* that head's image share. ``"distance"``:
+            ``|S - mu| / (sigma + eps)`` against the clean calibration samples, scored on held-out
+            samples as in :func:`layer_separability`.
+        calibration_ids / calibration_fraction / seed: the calibration set for ``score="distance"``.
+
+    Returns:
+        ``DataFrame`` with ``layer, head, auroc, n_clean, n_poisoned`` (one row per layer x head).
+    """
+    import pandas as pd
+
+    owner = "head_separability"
+    if score not in HEAD_SCORES:
+        raise InputError(f"{owner}: score={score!r} must be one of {HEAD_SCORES}")
+    settings = _settings(settings, owner)
+    clean, poisoned = _both(table, settings, owner)
+    if score == "ratio":
+        if calibration_ids is not None or calibration_fraction is not None:
+            raise InputError(f"{owner}: score='ratio' fits nothing; calibration_ids/fraction need score='distance'")
+        xc, xp = clean.values, poisoned.values  # [N, L, H]
+    else:
+        split = _make_split(clean, poisoned, settings, calibration_ids, calibration_fraction, seed, owner)
+        cal = clean.values[split.calib]
+        mu, sd = cal.mean(0), cal.std(0)
+        xc = np.abs(clean.values[split.clean_test] - mu) / (sd + settings.eps)
+        xp = np.abs(poisoned.values[split.poisoned_test] - mu) / (sd + settings.eps)
+    labels = np.r_[np.zeros(len(xc)), np.ones(len(xp))]
+    rows = [(int(layer), int(head), auroc(np.r_[xc[:, li, hi], xp[:, li, hi]], labels))
+            for li, layer in enumerate(clean.layers) for hi, head in enumerate(clean.heads)]
+    frame = pd.DataFrame(rows, columns=["layer", "head", "auroc"])
+    frame["n_clean"] = len(xc)
+    frame["n_poisoned"] = len(xp)
+    frame.attrs["separability"] = {**settings.to_dict(), "score": score}
+    return frame
