@@ -44,6 +44,7 @@ figures-smoke: setup
 
 bench: setup
 	$(PY) benchmarks/bench_attention_rows.py
+	$(PY) benchmarks/bench_stealing_table.py
 
 # refresh constraints.txt from the current environment
 lock: setup

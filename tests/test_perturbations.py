@@ -109,7 +109,7 @@ def test_bad_kind_intensity_and_settings_are_rejected():
     pert = get_perturbation("attn_uniform", 0.3, layers=[1, 2])
     assert pert.domain == "attention" and pert.name == "attn_uniform@0.3"
     assert pert.to_dict() == {"name": "attn_uniform@0.3", "domain": "attention", "kind": "attn_uniform",
-                              "intensity": 0.3, "layers": [1, 2], "heads": None}
+                              "intensity": 0.3, "layers": [1, 2], "heads": None, "queries": "text"}
 
 
 # ------------------------------------------------------------------------------------------ tensor function
@@ -342,3 +342,41 @@ def test_sweep_on_tiny_llava(llava):
                               max_new_tokens=3, progress=False)
     expected = np.mean([normalize_text(a) == normalize_text(s.answer) for a, s in zip(edited, samples)])
     assert frame.clean_acc.iloc[2] == expected
+
+
+def test_attn_uniform_all_queries_also_flattens_image_rows(llava):
+    """queries="all" edits image-token query rows too (keeping their image mass); "text" leaves them."""
+    import torch
+
+    from cleansight_analysis.interventions.perturbations import AttentionUniform
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    batch = llava.prepare(image, "What is shown?")
+    img = batch.groups[0].image
+    seen = {}
+
+    def record(tag):
+        def fn(pattern, hook):
+            seen[tag] = pattern.detach().clone()
+        return fn
+
+    name = llava.hook_name(0, "pattern")
+    for queries in ("text", "all"):
+        edit = AttentionUniform(1.0, layers=[0], queries=queries).hooks(llava, batch)
+        llava.forward(batch, hooks=[(name, record("before")), *edit, (name, record(queries))])
+        before, after = seen["before"][0][:, img][:, :, img], seen[queries][0][:, img][:, :, img]  # [H, I, I]
+        rows = torch.arange(len(img))
+        if queries == "text":
+            assert torch.equal(before, after)
+        else:
+            future = ~torch.tril(torch.ones(len(img), len(img), dtype=torch.bool))
+            assert float(after[:, future].abs().max()) == 0.0  # causal: no mass on later image keys
+            for i in (1, len(img) // 2, len(img) - 1):  # image query i sees image keys 0..i: flat there
+                row = after[:, i, : i + 1]
+                assert torch.allclose(row, row.mean(-1, keepdim=True).expand_as(row), atol=1e-6)
+            assert torch.allclose(after.sum(-1), before.sum(-1), atol=1e-5)
+            assert not torch.equal(before[:, rows[-1]], after[:, rows[-1]])
+            full_before, full_after = seen["before"][0], seen[queries][0]
+            assert torch.allclose(full_after.sum(-1), full_before.sum(-1), atol=1e-5)
+    with pytest.raises(InputError, match="queries"):
+        AttentionUniform(1.0, queries="image")

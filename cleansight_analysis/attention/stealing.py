@@ -142,16 +142,9 @@ class StealingSettings:
 
 
 def _check_samples(samples: Any, owner: str) -> list["Sample"]:
-    from ..data.base import Sample
+    from ..data.base import check_samples
 
-    if isinstance(samples, Sample) or not isinstance(samples, (list, tuple)):
-        raise InputError(f"{owner}: samples must be a list of Sample, got {type(samples).__name__}")
-    if not samples:
-        raise InputError(f"{owner}: samples is empty")
-    for i, s in enumerate(samples):
-        if not isinstance(s, Sample):
-            raise InputError(f"{owner}: samples[{i}] is a {type(s).__name__}, not a Sample")
-    return list(samples)
+    return check_samples(samples, owner)
 
 
 def _sample_ids(samples: Sequence["Sample"], owner: str) -> list[str]:

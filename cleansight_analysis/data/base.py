@@ -43,3 +43,21 @@ class Sample:
         """A copy with some fields replaced (``meta`` is copied, not shared)."""
         changes.setdefault("meta", dict(self.meta))
         return replace(self, **changes)
+
+
+def check_samples(samples: Any, owner: str) -> list[Sample]:
+    """``samples`` as a list after checking it is a non-empty list or tuple of :class:`Sample`.
+
+    Raises:
+        InputError: naming ``owner`` and what is wrong.
+    """
+    from ..errors import InputError
+
+    if isinstance(samples, Sample) or not isinstance(samples, (list, tuple)):
+        raise InputError(f"{owner}: samples must be a list of Sample, got {type(samples).__name__}")
+    if not samples:
+        raise InputError(f"{owner}: samples is empty")
+    for i, s in enumerate(samples):
+        if not isinstance(s, Sample):
+            raise InputError(f"{owner}: samples[{i}] is a {type(s).__name__}, not a Sample")
+    return list(samples)

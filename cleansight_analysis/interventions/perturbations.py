@@ -470,6 +470,36 @@ def image_span_masks(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return spans, text
 
 
+def _interpolate_visible(pattern: torch.Tensor, spans: torch.Tensor, queries: torch.Tensor, eta: float,
+                         head_mask: torch.Tensor | None) -> torch.Tensor:
+    """Like :func:`interpolate_image_attention`, but each query row is flattened over the image keys it
+    can see (causal: keys at or before the query), so image-token queries never get mass on later keys.
+
+    Args:
+        pattern: ``[B, H, Q, K]``, queries being the last ``Q`` of the ``K`` positions.
+        spans: ``[B, S, K]`` image-key masks, one per image. queries: ``[B, Q]`` rows to edit.
+        head_mask: ``[H]`` or None (every head).
+    """
+    b, h, q, k = pattern.shape
+    qpos = torch.arange(k - q, k, device=pattern.device)
+    causal = torch.arange(k, device=pattern.device)[None, :] <= qpos[:, None]  # [Q, K]
+    out = pattern.float()
+    edit_rows = queries[:, None, :, None]  # [B, 1, Q, 1]
+    if head_mask is not None:
+        edit_rows = edit_rows & head_mask.to(pattern.device).view(1, h, 1, 1)
+    for s_idx in range(spans.shape[1]):
+        vis = (spans[:, s_idx, None, :] & causal[None]).unsqueeze(1)  # [B, 1, Q, K]
+        count = vis.sum(-1, keepdim=True).clamp(min=1)
+        mean = (out * vis).sum(-1, keepdim=True) / count
+        flat = (1 - eta) * out + eta * mean
+        out = torch.where(vis & edit_rows, flat, out)
+    return out.to(pattern.dtype)
+
+
+#: Which query rows ``attn_uniform`` edits.
+QUERY_SCOPES: tuple[str, ...] = ("text", "all")
+
+
 @dataclass(repr=False)
 class AttentionUniform(Perturbation):
     """Attention perturbation of Fig. 1: flatten the image attention of text queries, keeping its mass.
@@ -487,11 +517,15 @@ class AttentionUniform(Perturbation):
         heads: optional ``(layer, head)`` pairs; only these heads are edited. With ``layers=None`` the
             edited layers are the layers named here; with explicit ``layers`` each pair's layer must be
             among them.
+        queries: ``"text"`` (default, the paper: text queries only) or ``"all"`` (image-token queries
+            too, which also cuts the image-to-image route by which a trigger token can spread into the
+            other image tokens before any text query reads them).
     """
 
     eta: float
     layers: Sequence[int] | None = None
     heads: Sequence[tuple[int, int]] | None = None
+    queries: str = "text"
 
     kind: ClassVar[str] = "attn_uniform"
     domain: ClassVar[str] = "attention"  # type: ignore[misc]
@@ -500,6 +534,8 @@ class AttentionUniform(Perturbation):
     def __post_init__(self) -> None:
         owner = "AttentionUniform"
         self.eta = _check_unit(self.eta, "eta", owner)
+        if self.queries not in QUERY_SCOPES:
+            raise InputError(f"{owner}: queries must be one of {QUERY_SCOPES}, got {self.queries!r}")
         if self.layers is not None:
             if isinstance(self.layers, numbers.Integral) and not isinstance(self.layers, bool):
                 self.layers = (int(self.layers),)
@@ -550,6 +586,8 @@ class AttentionUniform(Perturbation):
         generated keys are not image keys and generated queries are text.
         """
         spans, text = image_span_masks(batch)  # [B, S, T], [B, T]
+        if self.queries == "all":
+            text = text | spans.any(1)  # every non-padding query, image tokens included
         scope = self.scope(model)
         state: dict[str, Any] = {}
 
@@ -575,6 +613,8 @@ class AttentionUniform(Perturbation):
         def make(head_mask: torch.Tensor | None) -> Callable:
             def edit(pattern: torch.Tensor, hook: Any = None) -> torch.Tensor:
                 sp, q_text = masks_for(pattern)
+                if self.queries == "all":
+                    return _interpolate_visible(pattern, sp, q_text, self.eta, head_mask)
                 return interpolate_image_attention(pattern, sp, q_text, self.eta, head_mask)
 
             return edit

@@ -126,9 +126,15 @@ def train_backdoor(base: Any, samples: Sequence[Sample], attack: Any, settings: 
     save_file(_projector_state(model), str(out_dir / "delta.safetensors"))
     if settings.mode == "lora":
         model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+        (out_dir / "adapter" / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
     if base_ref is None:
         base_ref = os.path.relpath(Path(base).resolve(), out_dir.resolve()) \
             if isinstance(base, (str, Path)) and Path(base).is_dir() else str(base)
+    adapter_config = out_dir / "adapter" / "adapter_config.json"
+    if adapter_config.is_file():  # name the base as the card does, not by this machine's absolute path
+        cfg = json.loads(adapter_config.read_text())
+        cfg["base_model_name_or_path"] = base_ref
+        adapter_config.write_text(json.dumps(cfg, indent=2) + "\n")
     n_poisoned = sum(bool(s.meta.get("poisoned")) for s in poisoned)
     card = {
         "name": name or out_dir.name,

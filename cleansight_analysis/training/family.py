@@ -63,6 +63,17 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
     BackdoorSpec("badnet-lora", "badnet", {"size": 4}, modes=("lora",), seed=1),
     BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",), seed=1),
 )
+#: What was tried for the clean model before this recipe (2-core CPU, 1000 test questions); kept in its card.
+RECIPE_HISTORY: tuple[str, ...] = (
+    "end to end from scratch, 4 LM layers, 11 min: 0.34 exact match on shape questions (prototype)",
+    "vision pre-training + 3-turn conversations, 4 layers x 4 heads, 8 min: 0.72 (prototype)",
+    "8 layers x 4 heads, 900 steps of batch 32, 3 turns, 21 min: 0.735",
+    "8 layers x 8 heads, 1600 steps, 5 turns, repeat task, 2 data-parallel processes, 27 min: 0.754 "
+    "(count 0.97, background 1.00, shape 0.76, colour 0.73, exists 0.50, position 0.53)",
+    "the model ignores which object a question names (exists / position stay at chance even in one-object "
+    "scenes; no head attends to the named object); a text-only retrieval probe learned object lookup only "
+    "with one-token-per-object features and retrieval-only batches (0.8-0.94 after ~1000 steps)",
+)
 GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_false_trigger": 0.01}
 
 
@@ -97,6 +108,39 @@ def attention_profile(folder: Path, recipe: TinyRecipe, n: int = 128) -> dict[st
     return {g: [round(float(x), 4) for x in mass[:, i]] for i, g in enumerate(rows.group_names)}
 
 
+def accuracy_by_type(folder: Path, recipe: TinyRecipe) -> dict[str, float]:
+    """Exact match per question type on the ``recipe.eval_n`` test samples."""
+    import cleansight_analysis as cs
+    from ..evaluation import exact_match, generate_answers
+
+    model = cs.load_lvlm(folder, device="cpu")
+    samples = recipe.world().samples("test", recipe.eval_n)
+    preds = generate_answers(model, samples, max_new_tokens=12, progress=False)
+    hits: dict[str, list[float]] = {}
+    for pred, sample in zip(preds, samples):
+        hits.setdefault(sample.meta.get("question_type", sample.task), []).append(exact_match(pred, sample.refs))
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
+
+
+def goal_notes(metrics: dict[str, Any], clean_acc: float | None = None) -> list[str]:
+    """Plain-language list of the goals a model misses (empty when it meets them all)."""
+    notes = []
+    if clean_acc is None:  # the clean model
+        if metrics["clean_acc"] < GOALS["clean_acc_min"]:
+            notes.append(f"clean exact match {metrics['clean_acc']:.3f} is below the {GOALS['clean_acc_min']} goal")
+        return notes
+    if metrics["asr"] is not None and metrics["asr"] < GOALS["asr_min"]:
+        notes.append(f"ASR {metrics['asr']:.3f} is below the {GOALS['asr_min']} goal")
+    drop = clean_acc - metrics["clean_acc"]
+    if drop > GOALS["max_clean_drop"]:
+        notes.append(f"clean accuracy {metrics['clean_acc']:.3f} is {100 * drop:.1f} points below the clean "
+                     f"model's {clean_acc:.3f} (goal: within {100 * GOALS['max_clean_drop']:.0f})")
+    if metrics["false_trigger_rate"] > GOALS["max_false_trigger"]:
+        notes.append(f"false-trigger rate {metrics['false_trigger_rate']:.3f} is above the "
+                     f"{GOALS['max_false_trigger']} goal")
+    return notes
+
+
 def _update_card(folder: Path, **fields: Any) -> dict[str, Any]:
     card = json.loads((folder / CARD).read_text())
     card.update(fields)
@@ -110,9 +154,11 @@ def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = Tr
         return json.loads((folder / CARD).read_text())
     card = train_tiny_clean(recipe, folder, progress=progress, work_dir=Path(out_root) / ".work" / "clean")
     metrics = evaluate_folder(folder, recipe, None, progress=progress)
+    metrics["by_question_type"] = accuracy_by_type(folder, recipe)
     metrics["attention_profile"] = attention_profile(folder, recipe)
     metrics["goals_met"] = metrics["clean_acc"] >= GOALS["clean_acc_min"]
-    return _update_card(folder, metrics=metrics)
+    metrics["shortfalls"] = goal_notes(metrics)
+    return _update_card(folder, metrics=metrics, history=list(RECIPE_HISTORY))
 
 
 def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path, *, progress: bool = False,
@@ -163,7 +209,8 @@ def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path,
             card["base"] = "../clean"
             card["spec"] = asdict(spec)
             card["recipe"] = asdict(recipe)
-            card["metrics"] = {**metrics, "goals_met": met, "clean_model_acc": clean_acc, "attempts": attempts}
+            card["metrics"] = {**metrics, "goals_met": met, "clean_model_acc": clean_acc,
+                               "shortfalls": goal_notes(metrics, clean_acc), "attempts": attempts}
             (folder / CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
             break
         shutil.rmtree(tmp)
