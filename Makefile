@@ -45,6 +45,7 @@ figures-smoke: setup
 bench: setup
 	$(PY) benchmarks/bench_attention_rows.py
 	$(PY) benchmarks/bench_stealing_table.py
+	$(PY) benchmarks/bench_defense_latency.py
 
 # refresh constraints.txt from the current environment
 lock: setup

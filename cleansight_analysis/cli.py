@@ -8,6 +8,9 @@
     cleansight analyze stealing|perturb|heads|logit-lens --model M --n N --out DIR
     cleansight backdoor --base M --attack A --mode adapter|lora --out DIR   plant a backdoor
     cleansight eval-backdoor --model M [--attack A] --n N --json FILE      clean acc / ASR / false triggers
+    cleansight calibrate --model M --n 200 --out calib.json                fit CleanSight on clean samples, save it
+    cleansight evaluate --model M --defense D --n 256 --val 200 --json F   ASR / CU / PU / TPR / FPR / AUROC / latency
+    cleansight tables --out DIR                                            attacks x defenses over the tiny models
 """
 
 from __future__ import annotations
@@ -125,8 +128,8 @@ def _attack_from_args(args: argparse.Namespace, card: dict | None = None):
             return attack_from_dict(card["attack"])
         return None
     params: dict[str, Any] = {}
-    if getattr(args, "trigger_image", None):
-        params["image"] = args.trigger_image
+    if getattr(args, "trigger_image", None):  # custom: the trigger picture; badnet / blended / ...: its pattern
+        params["trigger" if args.attack == "custom" else "pattern"] = args.trigger_image
     if getattr(args, "location", None):
         loc = args.location
         params["location"] = tuple(_int_or_float(v) for v in loc.split(",")) if "," in loc else loc
@@ -190,6 +193,121 @@ def cmd_eval_backdoor(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     print(text)
+    return 0
+
+
+def _defense_settings(text: str | None) -> dict[str, Any]:
+    """``--defense-settings`` JSON (``'{"quantile": 0.95}'``) as a dict."""
+    import json
+
+    from .errors import InputError
+
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--defense-settings must be a JSON object, got {text!r} ({exc})") from None
+    if not isinstance(out, dict):
+        raise InputError(f"--defense-settings must be a JSON object, got {text!r}")
+    return out
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``cleansight calibrate``: fit CleanSight on ``--n`` clean calibration samples and save it."""
+    from . import load_lvlm
+    from .defenses import get_defense
+    from .evaluation.harness import synthetic_samples
+
+    model = load_lvlm(args.model, device=args.device)
+    settings = _defense_settings(args.defense_settings)
+    if args.layers:
+        settings["layers"] = _int_list(args.layers)
+    if args.quantile is not None:
+        settings["quantile"] = args.quantile
+    if args.tau is not None:
+        settings["tau"] = args.tau
+    defense = get_defense("cleansight", **settings)
+    defense.fit(model, synthetic_samples("calibration", args.n, args.seed))
+    defense.save(args.out)
+    print(f"wrote {args.out} (CleanSight calibrated on {args.n} clean samples of {args.model})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``cleansight evaluate``: one row of Tables 1-4 as JSON."""
+    import json
+    from pathlib import Path
+
+    from .defenses import get_defense
+    from .evaluation.harness import _nan_to_none, evaluate
+
+    model, attack = _model_and_attack(args, need_attack=True)
+    fit = True
+    if args.calibration:
+        from .defenses.cleansight import CleanSight
+
+        if args.defense != "cleansight":
+            raise SystemExit("--calibration is a saved CleanSight: use it with --defense cleansight")
+        defense = CleanSight.load(args.calibration)
+        fit = False
+    else:
+        defense = get_defense(args.defense, **_defense_settings(args.defense_settings))
+    samples = _eval_samples(args) if args.data != "synthetic" else None
+    row = evaluate(model, attack, defense, n_test=args.n, n_val=args.val, seed=args.seed, samples=samples,
+                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, fit=fit)
+    row.update(model_source=args.model, data=args.data, calibration=args.calibration)
+    text = json.dumps(_nan_to_none(row), indent=2, default=str)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+#: Shipped backdoored tiny models used by ``cleansight tables`` (one per attack).
+TABLE_MODELS = ("badnet", "blended", "sig", "wanet", "trojvlm", "vlood")
+TABLE_DEFENSES = ("none", "cleansight", "blur", "st", "jpeg", "strip")
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    """``cleansight tables``: attacks x defenses over the shipped tiny models, saved with manifests."""
+    import importlib
+    import time
+
+    from .defenses.registry import _DEFENSES
+    from .evaluation.harness import attack_defense_table
+    from .models.registry import lookup
+    from .results import save_table
+
+    start = time.perf_counter()
+    models = {}
+    for name in args.models.split(","):
+        source = name if lookup(name) is not None or "/" in name else f"tiny-llava/{name}"
+        models[name] = source
+    defenses = []
+    for name in args.defenses.split(","):
+        module = _DEFENSES.get(name, ("base",))[0]
+        try:
+            importlib.import_module(f"cleansight_analysis.defenses.{module}")
+        except ImportError as exc:
+            print(f"skipping defense {name!r}: {exc}", file=sys.stderr)
+            continue
+        defenses.append(name)
+    settings = {"n_test": args.n, "n_val": args.val, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size}
+    tidy = attack_defense_table(models, defenses, layout="long", device=args.device, **settings)
+    from .evaluation.harness import wide_table
+
+    common = {"seed": args.seed, "settings": {**settings, "models": models, "defenses": defenses}, "fmt": args.format}
+    written = [save_table(tidy, args.out, "attack_defense_long", **common)]
+    for metric_set, name in ((("asr", "clean_utility"), "table1_asr_cu"),
+                             (("asr", "clean_utility", "poisoned_utility", "tpr", "fpr", "auroc", "latency_ratio"),
+                              "attack_defense_all")):
+        written.append(save_table(wide_table(tidy, metrics=metric_set), args.out, name, **common))
+    for path in written:
+        print(f"wrote {path}")
+    print(f"tables: {len(models)} models x {len(defenses)} defenses in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -407,6 +525,49 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", default=None, help="also write the report to this file")
     ev.set_defaults(fn=cmd_eval_backdoor)
+
+    cal = sub.add_parser("calibrate", help="fit CleanSight on clean calibration samples and save it")
+    cal.add_argument("--model", required=True, help="registry name or local model folder")
+    cal.add_argument("--n", type=int, default=200, help="clean calibration samples (|D_val|)")
+    cal.add_argument("--layers", default=None, help="comma-separated detection layers (default: CleanSight's)")
+    cal.add_argument("--quantile", type=float, default=None, help="threshold quantile (default: CleanSight's)")
+    cal.add_argument("--tau", type=float, default=None, help="pruning threshold (default: CleanSight's)")
+    cal.add_argument("--defense-settings", default=None, help="other CleanSight settings as a JSON object")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--out", required=True, help="calibration file (JSON)")
+    cal.set_defaults(fn=cmd_calibrate)
+
+    de = sub.add_parser("evaluate", help="ASR, clean / poisoned utility, TPR / FPR / AUROC, latency of a defense")
+    de.add_argument("--model", required=True)
+    _add_attack_args(de)
+    de.add_argument("--defense", default="cleansight", help="none, cleansight, blur, st, shrinkpad, jpeg, strip, "
+                    "attention_entropy, scale_up")
+    de.add_argument("--defense-settings", default=None, help="defense settings as a JSON object")
+    de.add_argument("--calibration", default=None, help="a saved CleanSight (from `cleansight calibrate`): no refit")
+    de.add_argument("--data", default="synthetic", help="'synthetic' (test split) or NAME:FOLDER")
+    de.add_argument("--n", type=int, default=256, help="test samples (each also run with its trigger)")
+    de.add_argument("--val", type=int, default=200, help="clean calibration samples")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--batch-size", type=int, default=32)
+    de.add_argument("--max-new-tokens", type=int, default=12)
+    de.add_argument("--device", default=None)
+    de.add_argument("--json", default=None, help="also write the row to this file")
+    de.set_defaults(fn=cmd_evaluate)
+
+    tb2 = sub.add_parser("tables", help="attacks x defenses over the shipped tiny models (tables + manifests)")
+    tb2.add_argument("--out", required=True, help="results folder")
+    tb2.add_argument("--models", default=",".join(TABLE_MODELS),
+                     help="comma-separated attack models (tiny-llava/NAME or registry names)")
+    tb2.add_argument("--defenses", default=",".join(TABLE_DEFENSES), help="comma-separated defense names")
+    tb2.add_argument("--n", type=int, default=32, help="test samples per model (small default for CPU)")
+    tb2.add_argument("--val", type=int, default=50, help="clean calibration samples")
+    tb2.add_argument("--seed", type=int, default=0)
+    tb2.add_argument("--batch-size", type=int, default=32)
+    tb2.add_argument("--max-new-tokens", type=int, default=12)
+    tb2.add_argument("--format", default="auto", choices=("auto", "parquet", "csv"))
+    tb2.add_argument("--device", default=None)
+    tb2.set_defaults(fn=cmd_tables)
     return parser
 
 

@@ -41,3 +41,18 @@ def test_analyze_writes_tables_and_manifests(tmp_path, analysis, extra, tables):
 def test_analyze_without_an_attack_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["analyze", "stealing", "--model", "tiny-random-llava", "--n", "2", "--out", str(tmp_path)]) == 2
     assert "--attack" in capsys.readouterr().err
+
+
+def test_trigger_image_flag_reaches_custom_and_patch_attacks(tmp_path):
+    """--trigger-image is the custom attack's trigger and a patch attack's pattern."""
+    import argparse
+
+    from PIL import Image
+
+    path = tmp_path / "trigger.png"
+    Image.new("RGB", (8, 8), (255, 0, 255)).save(path)
+    for name, key in (("custom", "trigger"), ("badnet", "pattern")):
+        args = argparse.Namespace(attack=name, trigger_image=str(path), location="top-left", alpha=None, size=None,
+                                  target=None)
+        attack = cli._attack_from_args(args)
+        assert attack.name == name and str(attack.to_dict()[key]) == str(path)

@@ -1,0 +1,195 @@
+"""Choosing CleanSight's detection layers ``L_det`` from data (``cleansight-method.md`` §4).
+
+Two rules, both returning a contiguous window of ``window`` LM layers (ascending, 0-indexed):
+
+- ``method="fusion_onset"`` (clean samples only). For every layer ``l`` separately, the answer
+  query (last prompt token) is cut off from the image in that layer alone: its pre-softmax scores on
+  the image keys get the dtype's most negative finite value (:func:`fusion_onset_profile`). The
+  effect ``e_l`` is the mean KL divergence ``KL(p || p_blocked_l)`` of the next-token distribution at
+  the query (or the L2 distance of the logits, ``divergence="l2"``). Rule ``"onset"`` (default): the
+  window starts at the **first layer whose effect reaches ``onset_fraction`` (0.5) of the largest
+  effect** -- the layer where the answer starts to read the image, i.e. where fusion sets in.
+  Rule ``"peak"``: the window starts at the layer with the largest effect. A window that would run
+  past the last layer is shifted down so that it fits.
+- ``method="auroc"`` (needs triggered samples). Stealing features of every layer on clean and
+  triggered samples; for every window the whitened (diagonal) distance is fitted on the clean
+  samples of even index and scored on the clean samples of odd index (label 0) and on every
+  triggered sample (label 1); the window with the highest AUROC wins (ties: the earliest).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from ..attention.separability import WhitenedDistance, auroc
+from ..errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..data.base import Sample
+    from ..models.hooked import HookedLVLM
+
+METHODS: tuple[str, ...] = ("fusion_onset", "auroc")
+ONSET_RULES: tuple[str, ...] = ("onset", "peak")
+DIVERGENCES: tuple[str, ...] = ("kl", "l2")
+
+
+def _batches(model: "HookedLVLM", samples: Sequence["Sample"], batch_size: int):
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        yield model.prepare([s.image for s in chunk], [s.prompt for s in chunk])
+
+
+def _query_logits(model: "HookedLVLM", batch: Any, hooks: list) -> torch.Tensor:
+    """``[B, V]`` float64 logits at each sample's last prompt token."""
+    q = batch.query_positions
+    left = bool((q == batch.seq_len - 1).all())
+    logits = model.forward(batch, hooks=hooks, logits_to_keep=1 if left else 0)
+    if left:
+        return logits[:, -1].double().cpu()
+    return logits[torch.arange(len(batch)), q.to(logits.device)].double().cpu()
+
+
+def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, batch_size: int = 16,
+                         divergence: str = "kl") -> np.ndarray:
+    """Effect of blocking image -> answer-query attention in each single layer: ``[n_layers]``.
+
+    Args:
+        model: the hooked LVLM.
+        samples: clean samples.
+        divergence: ``"kl"``: mean ``KL(p || p_blocked)`` of the next-token distributions at the query;
+            ``"l2"``: mean L2 distance of the query's logits.
+
+    Returns:
+        ``[n_layers]`` float64, the mean effect per layer (``n_layers + 1`` forward passes per batch).
+    """
+    from ..data.base import check_samples
+
+    samples = check_samples(samples, "fusion_onset_profile")
+    if divergence not in DIVERGENCES:
+        raise InputError(f"fusion_onset_profile: divergence={divergence!r} must be one of {DIVERGENCES}")
+    n_layers = model.n_layers
+    total = np.zeros(n_layers)
+    for batch in _batches(model, samples, batch_size):
+        b, t = len(batch), batch.seq_len
+        img = torch.zeros(b, t, dtype=torch.bool)
+        for i, g in enumerate(batch.groups):
+            img[i, g.image] = True
+        q = batch.query_positions
+        base = _query_logits(model, batch, [])
+
+        def block(scores: torch.Tensor, hook: Any) -> torch.Tensor:
+            # scores: [B, H, T, T] at this (single) forward; only the query row loses the image keys
+            out = scores.clone()
+            bi = torch.arange(b, device=scores.device)
+            rows = out[bi, :, q.to(scores.device), :]  # [B, H, T]
+            rows = rows.masked_fill(img.to(scores.device)[:, None, :], torch.finfo(scores.dtype).min)
+            out[bi, :, q.to(scores.device), :] = rows
+            return out
+
+        for layer in range(n_layers):
+            blocked = _query_logits(model, batch, [(model.hook_name(layer, "attn_scores"), block)])
+            if divergence == "kl":
+                lp, lq = base.log_softmax(-1), blocked.log_softmax(-1)
+                eff = (lp.exp() * (lp - lq)).sum(-1)
+            else:
+                eff = (base - blocked).norm(dim=-1)
+            total[layer] += float(eff.sum())
+    return total / len(samples)
+
+
+def _window_start(effect: np.ndarray, window: int, rule: str, onset_fraction: float) -> int:
+    n = len(effect)
+    if rule == "peak":
+        start = int(np.argmax(effect))
+    else:
+        peak = float(effect.max())
+        start = int(np.flatnonzero(effect >= onset_fraction * peak)[0]) if peak > 0 else 0
+    return max(0, min(start, n - window))
+
+
+def window_aurocs(model: "HookedLVLM", clean_samples: Sequence["Sample"], poisoned_samples: Sequence["Sample"], *,
+                  window: int = 3, text_keys: str = "post_image", batch_size: int = 16,
+                  eps: float = 1e-12) -> dict[int, float]:
+    """AUROC of the concatenated head vectors of every window ``[s, s + window)``: ``{start: auroc}``.
+
+    Calibration: clean samples of even index; scored: clean of odd index (0) and every poisoned (1).
+    """
+    from ..data.base import check_samples
+    from .cleansight import CleanSight
+
+    clean = check_samples(clean_samples, "window_aurocs")
+    poisoned = check_samples(poisoned_samples, "window_aurocs")
+    if len(clean) < 4:
+        raise InputError(f"window_aurocs: needs at least 4 clean samples (half calibrate, half are scored), got {len(clean)}")
+    all_layers = list(range(model.n_layers))
+    cs = CleanSight(layers=all_layers, text_keys=text_keys, eps=eps, batch_size=batch_size)
+
+    def feats(samples: Sequence["Sample"]) -> np.ndarray:
+        out = []
+        for batch in _batches(model, samples, batch_size):
+            out.append(cs._run(model, batch, all_layers, calibration=None).features())
+        return torch.cat(out).numpy().reshape(len(samples), model.n_layers, model.n_heads)
+
+    xc, xp = feats(clean), feats(poisoned)
+    cal, test = xc[0::2], xc[1::2]
+    labels = np.r_[np.zeros(len(test)), np.ones(len(xp))]
+    result = {}
+    for start in range(model.n_layers - window + 1):
+        sl = slice(start, start + window)
+        det = WhitenedDistance("diagonal").fit(cal[:, sl].reshape(len(cal), -1))
+        scores = np.r_[det.score(test[:, sl].reshape(len(test), -1)), det.score(xp[:, sl].reshape(len(xp), -1))]
+        result[start] = auroc(scores, labels)
+    return result
+
+
+def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample"], method: str = "fusion_onset",
+                            poisoned_samples: Sequence["Sample"] | None = None, window: int = 3, *,
+                            rule: str = "onset", onset_fraction: float = 0.5, divergence: str = "kl",
+                            text_keys: str = "post_image", batch_size: int = 16,
+                            details: dict | None = None) -> list[int]:
+    """A contiguous window of ``window`` detection layers (see the module docstring for the rules).
+
+    Args:
+        model: the hooked LVLM.
+        clean_samples: clean samples (both methods).
+        method: ``"fusion_onset"`` (clean only) or ``"auroc"`` (needs ``poisoned_samples``).
+        window: number of layers (1..n_layers).
+        rule, onset_fraction, divergence: fusion-onset settings.
+        text_keys, batch_size: feature settings for ``"auroc"``; forward batch size.
+        details: if a dict is given, it receives the per-layer effects (``"effect"``) or the per-window
+            AUROCs (``"aurocs"``) and the rule used, for recording with the results.
+
+    Returns:
+        ascending 0-indexed layers.
+    """
+    if method not in METHODS:
+        raise InputError(f"select_detection_layers: method={method!r} must be one of {METHODS}")
+    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or not 1 <= window <= model.n_layers:
+        raise InputError(f"select_detection_layers: window={window!r} must be an int in 1..{model.n_layers}")
+    if method == "fusion_onset":
+        if poisoned_samples is not None:
+            raise InputError("select_detection_layers: method='fusion_onset' uses clean samples only; "
+                             "poisoned_samples needs method='auroc'")
+        if rule not in ONSET_RULES:
+            raise InputError(f"select_detection_layers: rule={rule!r} must be one of {ONSET_RULES}")
+        if not isinstance(onset_fraction, numbers.Real) or not 0.0 < float(onset_fraction) <= 1.0:
+            raise InputError(f"select_detection_layers: onset_fraction={onset_fraction!r} must be in (0, 1]")
+        effect = fusion_onset_profile(model, clean_samples, batch_size=batch_size, divergence=divergence)
+        start = _window_start(effect, int(window), rule, float(onset_fraction))
+        if details is not None:
+            details.update(method=method, rule=rule, onset_fraction=float(onset_fraction), divergence=divergence,
+                           effect=effect.tolist(), start=start)
+    else:
+        if poisoned_samples is None:
+            raise InputError("select_detection_layers: method='auroc' needs poisoned_samples (triggered inputs)")
+        scores = window_aurocs(model, clean_samples, poisoned_samples, window=int(window), text_keys=text_keys,
+                               batch_size=batch_size)
+        best = max(scores.values())
+        start = min(s for s, v in scores.items() if v == best)
+        if details is not None:
+            details.update(method=method, aurocs=scores, start=start)
+    return list(range(start, start + int(window)))
