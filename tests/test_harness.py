@@ -301,3 +301,21 @@ def test_always_flag_and_oracle_tau_sweep_with_cleansight(tiny, tiny_samples):
     out = H.tau_sweep(tiny, get_attack("badnet"), defense=inner, taus=(1e-6, 0.999), samples=tiny_samples,
                       max_new_tokens=3, progress=False)
     assert out["mean_pruned"].iloc[0] > out["mean_pruned"].iloc[1] and (out["layer"] == 1).all()
+
+
+def test_caption_samples_are_scored_with_cider_as_a_set():
+    pytest.importorskip("pycocoevalcap")
+    from cleansight_analysis.evaluation.captions import cider
+
+    caps = [Sample(None, "Describe.", "a red circle", references=("a red circle", "red circle on grey"), task="caption"),
+            Sample(None, "Describe.", "two blue squares", references=("two blue squares",), task="caption"),
+            Sample(None, "Describe.", "a green ring", references=("a green ring on dots",), task="caption")]
+    vqa = Sample(None, "q", "cat")
+    preds = ["a red circle", "one yellow cross", "a green ring", "cat"]
+    got = H.utilities(preds, [*caps, vqa])
+    want = cider(preds[:3], [list(c.refs) for c in caps]).per_sample
+    assert got[:3] == pytest.approx([float(v) for v in want])
+    assert got[1] == 0.0 and got[0] > 0 and got[3] == 1.0  # no shared n-gram -> 0; VQA keeps exact match
+    assert H.utilities(["a red circle"], caps[:1]) == [1.0]  # a lone caption: exact match
+    with pytest.raises(InputError):
+        H.utilities(["a"], caps[:2])
