@@ -168,6 +168,8 @@ def test_family_build_and_cli_round_trip(small_clean, tmp_path, capsys):
     bd_card = json.loads((root / "tiny-llava" / "badnet" / "card.json").read_text())
     assert bd_card["base"] == "../clean" and bd_card["metrics"]["attempts"][0]["mode"] == "adapter"
     assert {"clean_acc", "asr", "false_trigger_rate"} <= set(bd_card["metrics"])
+    by_type = bd_card["metrics"]["by_question_type"]  # the same 8 clean answers, split by question type
+    assert by_type and all(0.0 <= v <= 1.0 for v in by_type.values())
     assert cs.load_lvlm(root / "tiny-llava" / "badnet").n_layers == 2
 
     out = tmp_path / "cli_backdoor"

@@ -178,9 +178,7 @@ def _check_condition(condition: Any, owner: str) -> str:
 
 def _images_of(sample: "Sample", index: int, intervention: "Intervention") -> Any:
     """The sample's image(s) as RGB PIL images with the intervention's pixel transform applied."""
-    raw = sample.image if isinstance(sample.image, (list, tuple)) else [sample.image]
-    imgs = [intervention.apply_image(to_rgb_image(im, where=f"samples[{index}].image")) for im in raw]
-    return imgs if isinstance(sample.image, (list, tuple)) else imgs[0]
+    return intervention.transform(sample.image, where=f"samples[{index}].image")
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:

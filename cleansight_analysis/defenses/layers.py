@@ -38,9 +38,9 @@ DIVERGENCES: tuple[str, ...] = ("kl", "l2")
 
 
 def _batches(model: "HookedLVLM", samples: Sequence["Sample"], batch_size: int):
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        yield model.prepare([s.image for s in chunk], [s.prompt for s in chunk])
+    from ..inputs.batch import sample_batches
+
+    return (batch for _, batch in sample_batches(model, samples, batch_size))
 
 
 def _query_logits(model: "HookedLVLM", batch: Any, hooks: list) -> torch.Tensor:

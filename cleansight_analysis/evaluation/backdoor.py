@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from ..data.base import Sample
@@ -13,13 +13,15 @@ from .metrics import DEFAULT_TARGET, contains_target, exact_match, rate
 @dataclass
 class BackdoorReport:
     """``clean_acc``: exact match on clean inputs; ``asr``: triggered outputs containing the target;
-    ``false_trigger_rate``: clean outputs containing the target; ``n``: samples per condition."""
+    ``false_trigger_rate``: clean outputs containing the target; ``n``: samples per condition;
+    ``by_question_type``: clean exact match per ``meta["question_type"]`` (empty when samples carry none)."""
 
     clean_acc: float
     asr: float
     false_trigger_rate: float
     n: int
     seconds: float
+    by_question_type: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,28 +47,11 @@ def generate_answers(model: Any, samples: Sequence[Sample], *, batch_size: int =
     starts = range(0, len(samples), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, mininterval=2.0):
         chunk = samples[s:s + batch_size]
-        images = [x.image if isinstance(iv, NoIntervention) else _transformed(iv, x.image) for x in chunk]
+        images = [x.image if isinstance(iv, NoIntervention) else iv.transform(x.image) for x in chunk]
         batch = model.prepare(images, [x.prompt for x in chunk])
         out += model.generate(batch, max_new_tokens=max_new_tokens,
                               hooks=[*hooks, *iv.hooks(model, batch)]).texts
     return out
-
-
-def _transformed(iv: Any, image: Any) -> Any:
-    """``iv.apply_image`` on one image, or on each image of a multi-image sample."""
-    if isinstance(image, (list, tuple)):
-        return [iv.apply_image(_load_image(im)) for im in image]
-    return iv.apply_image(_load_image(image))
-
-
-def _load_image(image: Any) -> Any:
-    """A ``PIL.Image`` for a path or an image (paths are opened lazily, as ``prepare`` does)."""
-    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        from PIL import Image
-
-        with Image.open(image) as im:
-            return im.convert("RGB")
-    return image
 
 
 def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None, *, target: str | None = None,
@@ -78,7 +63,13 @@ def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None,
     target = target or getattr(attack, "target", None) or DEFAULT_TARGET
     clean = generate_answers(model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              progress=progress, desc="clean")
-    acc = rate(exact_match(p, s.refs) == 1.0 for p, s in zip(clean, samples))
+    hits = [exact_match(p, s.refs) == 1.0 for p, s in zip(clean, samples)]
+    acc = rate(hits)
+    per_type: dict[str, list[bool]] = {}
+    for hit, s in zip(hits, samples):
+        if "question_type" in s.meta:
+            per_type.setdefault(s.meta["question_type"], []).append(hit)
+    by_type = {k: round(rate(v), 4) for k, v in sorted(per_type.items())}
     ftr = rate(contains_target(p, target) for p in clean)
     asr = float("nan")
     if attack is not None:
@@ -86,4 +77,4 @@ def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None,
         outs = generate_answers(model, trig, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=progress, desc="triggered")
         asr = rate(contains_target(p, target) for p in outs)
-    return BackdoorReport(acc, asr, ftr, len(samples), round(time.perf_counter() - start, 1))
+    return BackdoorReport(acc, asr, ftr, len(samples), round(time.perf_counter() - start, 1), by_type)

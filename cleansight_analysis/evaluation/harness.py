@@ -37,6 +37,9 @@ import torch
 
 from ..data.base import Sample
 from ..defenses.base import Defense, DefenseOutput, NoDefense
+from ..interventions.base import NoIntervention
+
+_IDENTITY = NoIntervention()  # identity image transform: opens paths, converts to RGB
 from ..errors import InputError
 from .metrics import DEFAULT_TARGET, contains_target, exact_match, rate
 
@@ -188,11 +191,8 @@ def score_runs(clean: ConditionRun, triggered: ConditionRun, samples: Sequence[S
 
 
 def _image_of(sample: Sample) -> Any:
-    from .backdoor import _load_image
-
-    if isinstance(sample.image, (list, tuple)):
-        return [_load_image(im) for im in sample.image]
-    return _load_image(sample.image)
+    """The sample's image(s) as RGB PIL image(s) (paths are opened)."""
+    return _IDENTITY.transform(sample.image, where=f"sample {sample.sample_id!r} image")
 
 
 def _as_array(value: Any, b: int, what: str, name: str, dtype: Any) -> np.ndarray | None:

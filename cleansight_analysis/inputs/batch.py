@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -148,3 +148,14 @@ def prepare_batch(
         images_per_sample=[len(imgs) for imgs in rgb],
         padding_side=padding_side,
     )
+
+
+def sample_batches(model: Any, samples: Sequence[Any], batch_size: int,
+                   padding_side: str = "left") -> Iterator[tuple[int, Batch]]:
+    """``(start, batch)`` for consecutive chunks of ``batch_size`` samples (``Sample`` objects), each
+    prepared with ``model.prepare`` (images, prompts, chat template, ``padding_side``)."""
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        yield start, model.prepare([x.image for x in chunk], [x.prompt for x in chunk], padding_side=padding_side)

@@ -34,6 +34,15 @@ class Intervention:
         """``(hook_name, fn)`` forward hooks for this prepared ``batch`` (none by default)."""
         return []
 
+    def transform(self, image: Any, where: str = "image") -> Any:
+        """A sample's image (path, PIL, array or tensor), or its list of images, as RGB PIL image(s)
+        passed through :meth:`apply_image`; ``where`` names the input in error messages."""
+        from ..inputs.images import to_rgb_image
+
+        if isinstance(image, (list, tuple)):
+            return [self.apply_image(to_rgb_image(im, where)) for im in image]
+        return self.apply_image(to_rgb_image(image, where))
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "domain": self.domain}
 

@@ -225,12 +225,9 @@ class HeadAblation(Intervention):
 
 def _batches(model: Any, samples: Sequence["Sample"], batch_size: int,
              padding_side: str = "left") -> Iterable[tuple[int, "Batch"]]:
-    """``(start, batch)`` for consecutive chunks of ``samples``."""
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    for s in range(0, len(samples), batch_size):
-        chunk = samples[s:s + batch_size]
-        yield s, model.prepare([x.image for x in chunk], [x.prompt for x in chunk], padding_side=padding_side)
+    from ..inputs.batch import sample_batches
+
+    return sample_batches(model, samples, batch_size, padding_side)
 
 
 def _check_samples(samples: Any, owner: str) -> list["Sample"]:

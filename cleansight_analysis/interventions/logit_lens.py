@@ -121,14 +121,6 @@ def lens_logits(model: Any, resid: torch.Tensor) -> torch.Tensor:
     return unembed(norm(resid))
 
 
-def _apply_image(iv: Intervention, image: Any) -> Any:
-    from ..inputs.images import to_rgb_image
-
-    if isinstance(image, (list, tuple)):
-        return [iv.apply_image(to_rgb_image(im, "image")) for im in image]
-    return iv.apply_image(to_rgb_image(image, "image"))
-
-
 @torch.no_grad()
 def logit_lens(model: Any, samples: Sequence["Sample"], attack: Any = None, *, intervention: Any = None,
                target: str | None = None, layers: int | Sequence[int] | None = None, batch_size: int = 16,
@@ -189,7 +181,7 @@ def logit_lens(model: Any, samples: Sequence["Sample"], attack: Any = None, *, i
     for (name, items, iv), s in tqdm(jobs, desc="logit_lens", disable=not progress, mininterval=2.0):
         chunk = items[s:s + batch_size]
         plain = isinstance(iv, NoIntervention)
-        images = [x.image if plain else _apply_image(iv, x.image) for x in chunk]
+        images = [x.image if plain else iv.transform(x.image) for x in chunk]
         batch = model.prepare(images, [x.prompt for x in chunk])
         resid = residual_at_query(model, batch, layer_list, hooks=iv.hooks(model, batch))  # [B, L, d]
         probs = lens_logits(model, resid).float().softmax(-1).cpu()  # [B, L, V]

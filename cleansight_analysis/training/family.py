@@ -108,20 +108,6 @@ def attention_profile(folder: Path, recipe: TinyRecipe, n: int = 128) -> dict[st
     return {g: [round(float(x), 4) for x in mass[:, i]] for i, g in enumerate(rows.group_names)}
 
 
-def accuracy_by_type(folder: Path, recipe: TinyRecipe) -> dict[str, float]:
-    """Exact match per question type on the ``recipe.eval_n`` test samples."""
-    import cleansight_analysis as cs
-    from ..evaluation import exact_match, generate_answers
-
-    model = cs.load_lvlm(folder, device="cpu")
-    samples = recipe.world().samples("test", recipe.eval_n)
-    preds = generate_answers(model, samples, max_new_tokens=12, progress=False)
-    hits: dict[str, list[float]] = {}
-    for pred, sample in zip(preds, samples):
-        hits.setdefault(sample.meta.get("question_type", sample.task), []).append(exact_match(pred, sample.refs))
-    return {k: round(sum(v) / len(v), 4) for k, v in sorted(hits.items())}
-
-
 def goal_notes(metrics: dict[str, Any], clean_acc: float | None = None) -> list[str]:
     """Plain-language list of the goals a model misses (empty when it meets them all)."""
     notes = []
@@ -153,8 +139,7 @@ def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = Tr
     if (folder / CARD).is_file() and not force:
         return json.loads((folder / CARD).read_text())
     card = train_tiny_clean(recipe, folder, progress=progress, work_dir=Path(out_root) / ".work" / "clean")
-    metrics = evaluate_folder(folder, recipe, None, progress=progress)
-    metrics["by_question_type"] = accuracy_by_type(folder, recipe)
+    metrics = evaluate_folder(folder, recipe, None, progress=progress)  # includes by_question_type
     metrics["attention_profile"] = attention_profile(folder, recipe)
     metrics["goals_met"] = metrics["clean_acc"] >= GOALS["clean_acc_min"]
     metrics["shortfalls"] = goal_notes(metrics)
