@@ -78,6 +78,7 @@ GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_fa
 
 
 def family_root(out_root: str | Path) -> Path:
+    """``out_root/tiny-llava``: where the family's model folders live."""
     return Path(out_root) / ROOT_NAME
 
 
@@ -135,6 +136,8 @@ def _update_card(folder: Path, **fields: Any) -> dict[str, Any]:
 
 
 def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Train (or reuse, unless ``force``) ``tiny-llava/clean`` and write its card with the measured
+    metrics (exact match overall and per question type, attention profile, missed goals)."""
     folder = family_root(out_root) / "clean"
     if (folder / CARD).is_file() and not force:
         return json.loads((folder / CARD).read_text())
