@@ -3,7 +3,7 @@
     cleansight info                         versions, threads, devices, registered models
     cleansight models list                  the model registry (with the shipped models' cards)
     cleansight inspect --model M --image I  per-layer token-group shares of the answer query
-    cleansight figures [--smoke]            run the figure notebooks (what `make figures` calls)
+    cleansight figures [--smoke] [--recompute]  run the figure notebooks (what `make figures` calls)
     cleansight tiny build [--only NAME]     rebuild the shipped tiny LLaVA family in data/models
     cleansight analyze stealing|perturb|heads|logit-lens --model M --n N --out DIR
     cleansight backdoor --base M --attack A --mode adapter|lora --out DIR   plant a backdoor
@@ -104,7 +104,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     if args.device:
         params["device"] = args.device
     records = run_notebooks(args.notebooks, args.output, smoke=args.smoke, only=args.only, parameters=params,
-                            figures_dir=args.figures_dir)
+                            figures_dir=args.figures_dir, results_dir=args.results_dir, recompute=args.recompute)
     total = sum(r["seconds"] for r in records)
     print(f"{len(records)} notebook(s) in {total:.1f} s")
     return 0
@@ -457,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--notebooks", default="notebooks")
     fig.add_argument("--output", default="build/notebooks", help="where executed notebooks are written")
     fig.add_argument("--figures-dir", default=None)
+    fig.add_argument("--results-dir", default=None,
+                     help="root of the cached result tables (default data/results; smoke: build/results-smoke)")
+    fig.add_argument("--recompute", action="store_true",
+                     help="ignore cached result tables and compute every experiment again")
     fig.add_argument("--model", default=None, help="override every notebook's `model` parameter")
     fig.add_argument("--device", default=None, help="override every notebook's `device` parameter")
     fig.set_defaults(fn=cmd_figures)

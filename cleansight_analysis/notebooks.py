@@ -17,14 +17,19 @@ def find_notebooks(notebook_dir: str | Path, only: Iterable[str] | None = None) 
 
 
 def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path = "build/notebooks", *,
-                  smoke: bool = False, figures_dir: str | Path | None = None, only: Iterable[str] | None = None,
+                  smoke: bool = False, figures_dir: str | Path | None = None, results_dir: str | Path | None = None,
+                  only: Iterable[str] | None = None, recompute: bool = False,
                   parameters: dict[str, Any] | None = None, log: Any = print) -> list[dict[str, Any]]:
     """Execute notebooks with papermill; executed copies go to ``output_dir`` (not tracked by git).
 
     Args:
         smoke: pass ``smoke=True`` (tiny sample counts) to every notebook.
         figures_dir: where notebooks write figures; default ``<repo>/figures`` for full runs and
-            ``build/figures-smoke`` for smoke runs, so smoke runs never overwrite the gallery.
+            ``<output_dir>/../figures-smoke`` for smoke runs, so smoke runs never overwrite the gallery.
+        results_dir: root of the cached result tables, one sub-folder per notebook; default
+            ``<repo>/data/results`` for full runs (shipped, so a clean clone reuses them) and
+            ``<output_dir>/../results-smoke`` for smoke runs.
+        recompute: ignore cached tables and compute everything again.
         parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``).
 
     Returns:
@@ -37,8 +42,10 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
     output_dir.mkdir(parents=True, exist_ok=True)
     if figures_dir is None:
         figures_dir = (output_dir.parent / "figures-smoke") if smoke else (notebook_dir.parent / "figures")
-    params = {"smoke": smoke, "figures_dir": str(Path(figures_dir).resolve()),
-              "results_dir": str(output_dir.parent / "results"), **(parameters or {})}
+    if results_dir is None:
+        results_dir = (output_dir.parent / "results-smoke") if smoke else (notebook_dir.parent / "data" / "results")
+    params = {"smoke": smoke, "figures_dir": str(Path(figures_dir).resolve()), "recompute": recompute,
+              "results_dir": str(Path(results_dir).resolve()), **(parameters or {})}
     notebooks = find_notebooks(notebook_dir, only)
     if not notebooks:
         raise FileNotFoundError(f"no notebooks found in {notebook_dir}")
@@ -46,7 +53,7 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
     for path in notebooks:
         out = output_dir / path.name
         start = time.perf_counter()
-        log(f"running {path.name} (smoke={smoke}) ...")
+        log(f"running {path.name} (smoke={smoke}, recompute={recompute}) ...")
         nb_params = dict(params, results_dir=str(Path(params["results_dir"]) / path.stem))
         pm.execute_notebook(str(path), str(out), parameters=nb_params, kernel_name="python3",
                             cwd=str(notebook_dir), progress_bar=False, log_output=False)

@@ -31,5 +31,5 @@ def test_smoke_run_writes_figures(tmp_path):
     assert [r["notebook"] for r in records] == [p.name for p in NOTEBOOKS]
     assert (figures / "quickstart_image_attention.png").stat().st_size > 10_000
     assert (figures / "quickstart_image_attention.pdf").is_file()
-    results = tmp_path / "results" / "00_quickstart"
+    results = tmp_path / "results-smoke" / "00_quickstart"
     assert (results / "group_mass.csv").is_file() and (results / "manifest.json").is_file()

@@ -1,0 +1,218 @@
+"""What every figure notebook shares: its parameters, model loading, samples, result caching, figure saving.
+
+A notebook's ``parameters`` cell sets plain values (``model``, ``attacks``, ``n_samples``, ``seed``,
+``device``, ``results_dir``, ``figures_dir``, ``smoke``, ``data``, ``recompute``) and builds one
+:class:`FigureContext` from them::
+
+    ctx = FigureContext(model=model, attacks=attacks, n_samples=n_samples, seed=seed, device=device,
+                        results_dir=results_dir, figures_dir=figures_dir, smoke=smoke)
+    table = ctx.cached("perturbation_sweep", lambda: perturbation_sweep(...), kinds=kinds, n=n)
+
+``model`` is either a *family* (a folder under ``data/models`` such as ``"tiny-llava"``, with one member
+per attack: ``tiny-llava/badnet``), a registry name or folder of one backdoored model whose card names
+its attack, or a local folder holding one sub-folder per attack (``/models/llava-backdoors/badnet``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import InputError
+
+#: Sample counts used in smoke runs (``smoke=True``) whatever the notebook asks for.
+SMOKE_SAMPLES = 8
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` normalised the way it is stored in a manifest (tuples -> lists, numpy -> python)."""
+    return json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+
+
+@dataclass
+class FigureContext:
+    """Validated parameters of one figure notebook, plus helpers that use them.
+
+    Attributes:
+        model: family, single backdoored model or folder of per-attack folders (see module docstring).
+        attacks: attack names, in the order figures show them (e.g. ``["badnet", "blended"]``).
+        n_samples: test samples per condition in a full run (smoke runs use :data:`SMOKE_SAMPLES`).
+        seed: seed of sample selection, calibration splits and random baselines.
+        device: ``"cpu"`` or ``"cuda"``; dtype follows :func:`cleansight_analysis.load_lvlm`'s default.
+        results_dir: where tables and their manifests are cached (one folder per notebook).
+        figures_dir: where figures go as PNG + PDF.
+        smoke: tiny sample counts, for tests (``make figures-smoke``).
+        data: ``None`` for the synthetic world (the tiny family's data), or ``"<dataset>:<folder>"`` with a
+            dataset of :func:`cleansight_analysis.data.load_dataset_folder` (``"vqav2:/data/vqav2"``).
+        recompute: ignore cached tables (also set by the environment variable ``CLEANSIGHT_RECOMPUTE=1``).
+    """
+
+    model: str = "tiny-llava"
+    attacks: Sequence[str] = ("badnet",)
+    n_samples: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    results_dir: str | os.PathLike = "../build/results"
+    figures_dir: str | os.PathLike = "../figures"
+    smoke: bool = False
+    data: str | None = None
+    recompute: bool = False
+    log: Callable[[str], Any] = field(default=print, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise InputError(f"model must be a registry name, a family or a folder, got {self.model!r}")
+        if isinstance(self.attacks, str):
+            self.attacks = [self.attacks]
+        self.attacks = [str(a) for a in self.attacks]
+        if not self.attacks:
+            raise InputError("attacks is empty: name at least one attack (e.g. ['badnet'])")
+        if isinstance(self.n_samples, bool) or not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise InputError(f"n_samples must be a positive integer, got {self.n_samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.data is not None and (not isinstance(self.data, str) or ":" not in self.data):
+            raise InputError(f"data must be None (synthetic) or '<dataset>:<folder>', got {self.data!r}")
+        self.results_dir = Path(self.results_dir)
+        self.figures_dir = Path(self.figures_dir)
+        self.smoke = bool(self.smoke)
+        self.recompute = bool(self.recompute) or os.environ.get("CLEANSIGHT_RECOMPUTE", "") not in ("", "0")
+        self._loaded: dict[str, tuple[Any, Any, dict]] = {}
+
+    # ------------------------------------------------------------------ sizes
+    def count(self, n: int | None = None) -> int:
+        """Sample count to use: ``n`` (default ``n_samples``), or at most :data:`SMOKE_SAMPLES` when smoking."""
+        n = self.n_samples if n is None else int(n)
+        return min(n, SMOKE_SAMPLES) if self.smoke else n
+
+    def settings(self) -> dict[str, Any]:
+        """The notebook-level parameters, as stored in every manifest."""
+        return {"model": self.model, "attacks": list(self.attacks), "n_samples": self.n_samples,
+                "seed": self.seed, "device": self.device, "smoke": self.smoke, "data": self.data}
+
+    # ------------------------------------------------------------------ models
+    def model_spec(self, attack: str) -> str:
+        """Registry name or folder of the model backdoored with ``attack``."""
+        from ..models.registry import lookup
+
+        if lookup(f"{self.model}/{attack}") is not None:
+            return f"{self.model}/{attack}"
+        path = Path(self.model)
+        if path.is_dir() and (path / attack).is_dir():
+            return str(path / attack)
+        card = self._card(self.model)
+        if card is not None:
+            named = (card.get("attack") or {}).get("name")
+            if named is not None and named != attack:
+                raise InputError(f"model {self.model!r} is backdoored with {named!r}, not {attack!r}; "
+                                 f"set attacks=[{named!r}] or point model at a family folder")
+            return self.model
+        raise InputError(f"no model for attack {attack!r}: {self.model!r} is neither a family with a member "
+                         f"{self.model}/{attack}, a folder with a sub-folder {attack!r}, nor a model with a card")
+
+    @staticmethod
+    def _card(spec: str) -> dict | None:
+        from ..models.loading import read_card
+        from ..models.registry import lookup
+
+        entry = lookup(spec)
+        if entry is not None:
+            return entry.card
+        return read_card(Path(spec)) if Path(spec).is_dir() else None
+
+    def load(self, attack: str) -> tuple[Any, Any, dict]:
+        """``(model, attack object, card)`` for ``attack``; the last loaded model is kept, others freed."""
+        if attack not in self._loaded:
+            from ..evaluation.harness import resolve_model
+
+            self._loaded.clear()
+            self._loaded[attack] = resolve_model(self.model_spec(attack), self.device)
+        return self._loaded[attack]
+
+    def clean_model(self) -> Any:
+        """The clean reference model of the family (``<family>/clean``), or None if it has none."""
+        from .. import load_lvlm
+        from ..models.registry import lookup
+
+        for spec in (f"{self.model}/clean", str(Path(self.model) / "clean")):
+            if lookup(spec) is not None or Path(spec).is_dir():
+                return load_lvlm(spec, device=self.device)
+        return None
+
+    # ------------------------------------------------------------------ samples
+    def samples(self, split: str = "test", n: int | None = None) -> list[Any]:
+        """``count(n)`` samples of ``split`` (synthetic world, or the ``data`` folder's samples)."""
+        n = self.count(n)
+        if self.data is None:
+            from ..evaluation.harness import synthetic_samples
+
+            return synthetic_samples(split, n, seed=self.seed)
+        from ..data import load_dataset_folder
+
+        name, root = self.data.split(":", 1)
+        offset = {"test": 0, "calibration": 1, "val": 1, "train": 2}.get(split, 0)
+        items = load_dataset_folder(name, root, limit=n * 3, seed=self.seed)
+        return list(items[offset::3])[:n]
+
+    # ------------------------------------------------------------------ caching
+    def cached(self, name: str, compute: Callable[[], Any], *, model: Any = None, attack: Any = None,
+               **params: Any) -> Any:
+        """Load table ``name`` from ``results_dir`` if it was computed with the same parameters, else compute it.
+
+        The cache key is ``params`` plus :meth:`settings` (model, attacks, sample count, seed, device, ...),
+        compared as JSON with the ``params`` stored in the table's manifest. ``compute()`` must return a
+        pandas DataFrame. Prints whether the table was reused or computed.
+        """
+        import time
+
+        from ..results import load_manifest, load_table, save_table, table_path
+
+        key = _jsonable({**self.settings(), **params})
+        out = Path(self.results_dir)
+        if not self.recompute:
+            for fmt in ("parquet", "csv"):
+                path = out / f"{name}.{fmt}"
+                if not path.is_file():
+                    continue
+                try:
+                    manifest = load_manifest(path)
+                except InputError:
+                    break
+                if manifest.get("params") == key:
+                    self.log(f"{name}: reusing cached results {path} (computed {manifest.get('created')}, "
+                             f"same parameters; set recompute=True to redo)")
+                    return load_table(path)
+                self.log(f"{name}: cached results in {path} have other parameters; recomputing")
+                break
+        start = time.perf_counter()
+        table = compute()
+        seconds = time.perf_counter() - start
+        path = save_table(table, out, name, model=model, attack=attack, seed=self.seed, settings=params,
+                          params=key, seconds=round(seconds, 1))
+        self.log(f"{name}: computed in {seconds:.1f} s -> {path}")
+        return table
+
+    # ------------------------------------------------------------------ figures
+    def save_figure(self, fig: Any, name: str) -> list[Path]:
+        """Save ``fig`` as ``<figures_dir>/<name>.png`` and ``.pdf``; prints and returns both paths."""
+        from ..plotting import save_figure
+
+        paths = save_figure(fig, self.figures_dir / name)
+        self.log("wrote " + ", ".join(str(p) for p in paths))
+        return paths
+
+
+def fmt_pct(value: float, digits: int = 1) -> str:
+    """``0.123 -> '12.3 %'`` (NaN -> ``'n/a'``), for tables that put the paper's numbers next to ours."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * float(value):.{digits}f} %"
+
+
+__all__ = ["FigureContext", "SMOKE_SAMPLES", "fmt_pct"]

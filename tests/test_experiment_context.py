@@ -1,0 +1,69 @@
+"""FigureContext: parameter validation, model resolution and result caching used by every figure notebook."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from cleansight_analysis.errors import InputError
+from cleansight_analysis.experiments import SMOKE_SAMPLES, FigureContext
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(InputError, match="n_samples"):
+        FigureContext(n_samples=0)
+    with pytest.raises(InputError, match="attacks"):
+        FigureContext(attacks=[])
+    with pytest.raises(InputError, match="device"):
+        FigureContext(device="tpu")
+    with pytest.raises(InputError, match="data"):
+        FigureContext(data="/no/dataset/name")
+
+
+def test_counts_and_model_specs(tmp_path):
+    ctx = FigureContext(attacks="badnet", n_samples=100, smoke=True, results_dir=tmp_path)
+    assert ctx.attacks == ["badnet"]
+    assert ctx.count() == SMOKE_SAMPLES and ctx.count(3) == 3
+    assert FigureContext(n_samples=100).count() == 100
+    assert ctx.model_spec("badnet") == "tiny-llava/badnet"
+    with pytest.raises(InputError, match="no model for attack 'nope'"):
+        ctx.model_spec("nope")
+    # a single backdoored model: its card names the attack, another attack is refused
+    one = FigureContext(model="tiny-llava/blended", attacks=["blended"])
+    assert one.model_spec("blended") == "tiny-llava/blended"
+    with pytest.raises(InputError, match="backdoored with 'blended'"):
+        one.model_spec("badnet")
+    # a folder with one sub-folder per attack
+    (tmp_path / "fam" / "sig").mkdir(parents=True)
+    assert FigureContext(model=str(tmp_path / "fam")).model_spec("sig") == str(tmp_path / "fam" / "sig")
+
+
+def test_cache_reuses_same_parameters_and_recomputes_otherwise(tmp_path):
+    logs = []
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"x": [len(calls)]})
+
+    ctx = FigureContext(results_dir=tmp_path, log=logs.append)
+    first = ctx.cached("t", compute, kinds=("st", "jpeg"))
+    again = ctx.cached("t", compute, kinds=["st", "jpeg"])      # tuple vs list: same JSON
+    assert len(calls) == 1 and again.equals(first)
+    assert "reusing cached" in logs[-1]
+    manifest = json.loads((tmp_path / "t.manifest.json").read_text())
+    assert manifest["params"]["kinds"] == ["st", "jpeg"] and manifest["params"]["model"] == "tiny-llava"
+    changed = ctx.cached("t", compute, kinds=["st"])
+    assert len(calls) == 2 and int(changed.x[0]) == 2 and "other parameters" in logs[-2]
+    FigureContext(results_dir=tmp_path, recompute=True, log=logs.append).cached("t", compute, kinds=["st"])
+    assert len(calls) == 3
+    FigureContext(results_dir=tmp_path, n_samples=7, log=logs.append).cached("t", compute, kinds=["st"])
+    assert len(calls) == 4          # a notebook-level parameter is part of the key
+
+
+def test_samples_are_deterministic():
+    ctx = FigureContext(n_samples=5, seed=3)
+    a, b = ctx.samples("test"), ctx.samples("test")
+    assert len(a) == 5 and [s.prompt for s in a] == [s.prompt for s in b]
