@@ -61,7 +61,7 @@ def test_config_validation_and_registry():
     assert get_defense("cleansight", quantile=0.95).config.quantile == 0.95
     assert CleanSight(config=CleanSightConfig(layers=[3, 1, 1])).config.layers == [1, 3]
     for bad in ({"quantile": 0.0}, {"quantile": 1.5}, {"tau": -1.0}, {"tau": "big"}, {"text_keys": "all"},
-                {"mask_scope": "everywhere"}, {"query": "generated"}, {"layers": []}, {"layers": "mid"},
+                {"mask_scope": "everywhere"}, {"query": "every"}, {"layers": []}, {"layers": "mid"},
                 {"layers": [1.5]}, {"sigma_eps": 0.0}, {"window": 0}, {"not_a_setting": 1}):
         with pytest.raises(InputError):
             CleanSight(**bad)

@@ -53,8 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Where the Omega mask applies (see :attr:`CleanSightConfig.mask_scope`).
 MASK_SCOPES: tuple[str, ...] = ("reference", "from_detection", "prefill_only", "all_layers")
-#: Query rows the detector reads (only the last prompt token is implemented).
-QUERIES: tuple[str, ...] = ("last",)
+#: Query rows the detector reads: the last prompt token, or also every generated token.
+QUERIES: tuple[str, ...] = ("last", "generated")
 #: Format tag and version of saved calibration files.
 FILE_FORMAT = "cleansight-calibration"
 FILE_VERSION = 1
@@ -102,7 +102,17 @@ class CleanSightConfig:
             ``l_e`` in a single pass, so this scope costs a second, partial forward pass (detection up
             to ``l_e``, then generation with the mask in place): the one documented exception to the
             one-pass design. With the other scopes, layers before ``l_e`` are never masked at prefill.
-        query: ``"last"``: the last prompt token (the query predicting the first answer token).
+        query: ``"last"`` (default): the last prompt token (the query predicting the first answer token).
+            ``"generated"``: also every decoding query (the paper's "current decoding query"): the detector
+            scores the prefill row and each generated token's row; a sample is flagged at the first step
+            whose distance exceeds ``gamma``, Omega comes from that step's ``l_e`` row, and the mask applies
+            from there on (``l_e`` and later layers of that step, then every later step per ``mask_scope``).
+            ``fit`` then generates ``calibration_tokens`` tokens per clean sample: ``mu``/``sigma`` pool every
+            valid step's features, and ``gamma`` is the quantile of each sample's largest distance (so the
+            per-sample false-positive rate stays ``1 - quantile``). Works with ``mask_scope`` ``"reference"``
+            and ``"from_detection"``; ``score``/``detect`` run an unmasked generation of
+            ``calibration_tokens`` tokens and return each sample's largest distance.
+        calibration_tokens: tokens generated per clean sample by ``fit`` with ``query="generated"``.
         eps: added to the ratio's denominator (paper: 1e-12).
         sigma_eps: added to each ``sigma`` (paper: 1e-8): the floor that keeps zero-variance dims finite.
         window: number of layers chosen by ``layers="auto"``.
@@ -116,6 +126,7 @@ class CleanSightConfig:
     text_keys: str = "post_image"
     mask_scope: str = "reference"
     query: str = "last"
+    calibration_tokens: int = 8
     eps: float = 1e-12
     sigma_eps: float = 1e-8
     window: int = 3
@@ -157,7 +168,11 @@ class CleanSightConfig:
         if self.mask_scope not in MASK_SCOPES:
             raise InputError(f"{own}: mask_scope={self.mask_scope!r} must be one of {MASK_SCOPES}")
         if self.query not in QUERIES:
-            raise InputError(f"{own}: query={self.query!r} is not supported; only {QUERIES} (last prompt token)")
+            raise InputError(f"{own}: query={self.query!r} must be one of {QUERIES} ('last': the last prompt "
+                             "token; 'generated': also every decoding query)")
+        if self.query == "generated" and self.mask_scope in ("prefill_only", "all_layers"):
+            raise InputError(f"{own}: query='generated' flags samples during decoding, which mask_scope="
+                             f"{self.mask_scope!r} cannot act on; use mask_scope='reference' or 'from_detection'")
         if not _is_real(self.eps) or self.eps < 0:
             raise InputError(f"{own}: eps={self.eps!r} must be a finite number >= 0")
         if not _is_real(self.sigma_eps) or self.sigma_eps <= 0:
@@ -165,7 +180,7 @@ class CleanSightConfig:
                              "(it keeps zero-variance dimensions from dividing by zero)")
         object.__setattr__(self, "eps", float(self.eps))
         object.__setattr__(self, "sigma_eps", float(self.sigma_eps))
-        for name in ("window", "batch_size"):
+        for name in ("window", "batch_size", "calibration_tokens"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise InputError(f"{own}: {name}={v!r} must be an int >= 1")
@@ -283,11 +298,13 @@ class _Pass:
         mask: apply the Omega mask to flagged samples (per ``scope``).
         token_rows: keep ``max_h alpha^{l_e,h}_{q,j}`` over image tokens (for ``tau="auto"``).
         stop: raise :class:`StopForward` after ``l_e`` (scoring only).
+        decode: also score every decoding query (``query="generated"``): features per step in
+            ``step_features``, distances in ``step_scores``, first flag step in ``flag_step``.
     """
 
     def __init__(self, batch: "Batch", layers: Sequence[int], n_layers: int, config: CleanSightConfig, *,
                  calibration: Calibration | None = None, mask: bool = False, token_rows: bool = False,
-                 stop: bool = False):
+                 stop: bool = False, decode: bool = False):
         self.t = batch.seq_len
         self.b = len(batch)
         self.layers = list(layers)
@@ -305,6 +322,13 @@ class _Pass:
         self.flags: torch.Tensor | None = None         # [B] bool
         self.key_mask: torch.Tensor | None = None      # [B, T] bool: Omega of flagged samples
         self.done = False
+        # query="generated": also read every decoding query's row (``decode``)
+        self.decode = decode
+        self.step = 0                                  # decode steps seen at l_e
+        self._decode_ratios: dict[int, torch.Tensor] = {}
+        self.step_features: list[torch.Tensor] = []    # per step [B, D]; step 0 = prefill
+        self.step_scores: list[np.ndarray] = []        # per step [B] (with a calibration)
+        self.flag_step: torch.Tensor | None = None     # [B] long: step of the first flag, -1 never
         # first layer masked at prefill via hook_attn_scores (l_e is masked in its pattern hook), and
         # first layer masked at decode steps (None: decode steps unmasked)
         scope = config.mask_scope
@@ -319,7 +343,11 @@ class _Pass:
     def _pattern_hook(self, layer: int):
         def hook(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
             # pattern: [B, H, Q, K]; prefill has Q = K = T, decode steps Q = 1, K > T.
-            if self.done or pattern.shape[-1] != self.t or pattern.shape[-2] != self.t:
+            if pattern.shape[-1] != self.t or pattern.shape[-2] != self.t:
+                if self.decode and self.done and pattern.shape[-2] == 1:
+                    return self._decode_step(layer, pattern)
+                return pattern
+            if self.done:
                 return pattern
             bi = torch.arange(self.b, device=pattern.device)
             rows = pattern[bi, :, self.qpos.to(pattern.device), :].detach().float().cpu()  # [B, H, T]
@@ -330,12 +358,17 @@ class _Pass:
             tok = rows.amax(1)  # [B, T]
             if self.token_rows:
                 self.token_max = tok
+            if self.decode:
+                self.step_features.append(self.features())
             if self.calibration is not None:
                 cal = self.calibration
                 self.scores = whitened_distance(self.features(), cal.mu, cal.sigma, self.config.sigma_eps)
                 self.flags = torch.as_tensor(self.scores > cal.gamma)
                 omega = self.img & (tok > cal.tau)
                 self.key_mask = omega & self.flags[:, None]
+                if self.decode:
+                    self.step_scores.append(self.scores)
+                    self.flag_step = torch.where(self.flags, 0, -1)
                 if self.mask and bool(self.key_mask.any()):
                     km = self.key_mask.to(pattern.device)
                     edited = pattern.masked_fill(km[:, None, None, :], 0.0)
@@ -347,6 +380,51 @@ class _Pass:
             return pattern
 
         return hook
+
+    def _decode_step(self, layer: int, pattern: torch.Tensor) -> torch.Tensor:
+        """Score one decoding query (``query="generated"``); flag and mask samples crossing ``gamma``."""
+        rows = pattern[:, :, 0, :].detach().float().cpu()  # [B, H, K], K = T + steps so far
+        extra = rows.shape[-1] - self.t
+        img = torch.nn.functional.pad(self.img, (0, extra), value=False)
+        txt = torch.nn.functional.pad(self.txt, (0, extra), value=True)   # generated tokens are text keys
+        self._decode_ratios[layer] = stealing_ratio(rows, img, txt, self.config.eps)
+        if layer != self.l_e:
+            return pattern
+        self.step += 1
+        feats = torch.cat([self._decode_ratios[x] for x in self.layers], dim=1)
+        self.step_features.append(feats)
+        if self.calibration is None or self.flags is None or self.key_mask is None:
+            return pattern
+        cal = self.calibration
+        dist = whitened_distance(feats, cal.mu, cal.sigma, self.config.sigma_eps)
+        self.step_scores.append(dist)
+        new = torch.as_tensor(dist > cal.gamma) & ~self.flags
+        if not bool(new.any()):
+            return pattern
+        omega = self.img & (rows[..., : self.t].amax(1) > cal.tau)
+        self.key_mask = torch.where(new[:, None], omega, self.key_mask)
+        self.flags = self.flags | new
+        self.flag_step = torch.where(new, self.step, self.flag_step)
+        if self.mask:  # this step's l_e row of the newly flagged samples (earlier layers ran unmasked)
+            km = torch.zeros(self.b, rows.shape[-1], dtype=torch.bool)
+            km[:, : self.t] = self.key_mask & new[:, None]
+            km = km.to(pattern.device)
+            edited = pattern.masked_fill(km[:, None, None, :], 0.0)
+            edited = edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
+            pattern = torch.where(new.to(pattern.device)[:, None, None, None], edited, pattern)
+        return pattern
+
+    def decode_summary(self, n_tokens: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """Per-sample largest distance over the steps that fed the answer, and flags restricted to them.
+
+        A decoding query at step ``s`` reads generated token ``s - 1``; it shaped the answer only when
+        ``s < n_tokens`` (``n_tokens`` counts up to and including EOS). Returns ``(scores [B], flags [B])``.
+        """
+        steps = np.stack(self.step_scores, 1)                              # [B, S]
+        valid = np.arange(steps.shape[1])[None, :] < n_tokens.cpu().numpy()[:, None]
+        scores = np.where(valid, steps, -np.inf).max(1)
+        flags = (self.flag_step >= 0) & (self.flag_step < n_tokens.cpu())
+        return scores, flags
 
     # -- masking -----------------------------------------------------------------------------
     def _scores_hook(self, layer: int):
@@ -487,15 +565,23 @@ class CleanSight(Defense):
         else:
             layers = sorted(set(model.check_layers(cfg.layers)))
             source = "given"
-        feats, tok_vals = [], []
+        feats, tok_vals, groups = [], [], []
         for start in range(0, len(samples), cfg.batch_size):
             chunk = samples[start:start + cfg.batch_size]
             batch = model.prepare([s.image for s in chunk], [s.prompt for s in chunk])
-            run = self._run(model, batch, layers, calibration=None, token_rows=cfg.tau == "auto")
-            feats.append(run.features())
+            if cfg.query == "generated":
+                run = _Pass(batch, layers, model.n_layers, cfg, token_rows=cfg.tau == "auto", decode=True)
+                gen = model.generate(batch, max_new_tokens=cfg.calibration_tokens, hooks=run.hooks())
+                steps = torch.stack(run.step_features, 1)                       # [B, S, D]
+                valid = torch.arange(steps.shape[1])[None, :] < gen.n_tokens.cpu()[:, None]
+                feats.append(steps[valid])
+                groups.append(torch.arange(start, start + len(chunk))[:, None].expand_as(valid)[valid])
+            else:
+                run = self._run(model, batch, layers, calibration=None, token_rows=cfg.tau == "auto")
+                feats.append(run.features())
             if run.token_max is not None:
                 tok_vals.append(run.token_max[run.img])
-        x = torch.cat(feats).numpy()  # [N, D]
+        x = torch.cat(feats).numpy()  # [N, D] (query="generated": one row per sample and valid step)
         n, d = x.shape
         if n < d:
             warnings.warn(
@@ -508,6 +594,9 @@ class CleanSight(Defense):
             raise InputError("CleanSight.fit: clean features contain NaN or infinite values")
         mu, sigma = x.mean(0), x.std(0)
         dist = whitened_distance(x, mu, sigma, cfg.sigma_eps)
+        if groups:  # each sample's largest distance over its steps
+            owner = torch.cat(groups).numpy()
+            dist = np.array([dist[owner == i].max() for i in range(len(samples))])
         gamma = float(np.quantile(dist, cfg.quantile))
         if cfg.tau == "auto":
             pooled = torch.cat(tok_vals).double().numpy()
@@ -517,7 +606,8 @@ class CleanSight(Defense):
         self.config = replace(cfg, layers=list(layers))
         self.calibration = Calibration(self._identity(model), list(layers), mu, sigma, gamma, tau, tau_source,
                                        dist, layer_source=source,
-                                       extra={"config_layers": cfg.layers if isinstance(cfg.layers, str) else None})
+                                       extra={"config_layers": cfg.layers if isinstance(cfg.layers, str) else None,
+                                              "feature_rows": int(n)})
         return self
 
     # ------------------------------------------------------------------ detection
@@ -525,6 +615,10 @@ class CleanSight(Defense):
         """``[B]`` whitened distances (float64; higher = more suspicious). One forward pass up to ``l_e``."""
         self._check_batch(batch, "score")
         cal = self._check_model(model, "score")
+        if self.config.query == "generated":
+            run = _Pass(batch, cal.layers, model.n_layers, self.config, calibration=cal, decode=True)
+            gen = model.generate(batch, max_new_tokens=self.config.calibration_tokens, hooks=run.hooks())
+            return torch.as_tensor(run.decode_summary(gen.n_tokens)[0])
         run = self._run(model, batch, cal.layers, calibration=cal)
         return torch.as_tensor(run.scores)
 
@@ -554,7 +648,8 @@ class CleanSight(Defense):
         """
         self._check_batch(batch, "generate")
         cal = self._check_model(model, "generate")
-        run = _Pass(batch, cal.layers, model.n_layers, self.config, calibration=cal, mask=True)
+        run = _Pass(batch, cal.layers, model.n_layers, self.config, calibration=cal, mask=True,
+                    decode=self.config.query == "generated")
         passes = 1
         if self.config.mask_scope == "all_layers":  # detect first (stops at l_e), then mask every layer
             first = self._run(model, batch, cal.layers, calibration=cal)
@@ -563,11 +658,17 @@ class CleanSight(Defense):
         gen = model.generate(batch, max_new_tokens=max_new_tokens, hooks=[*run.hooks(), *extra_hooks])
         if run.scores is None or run.flags is None or run.key_mask is None:
             raise InputError("CleanSight.generate: detection did not run during prefill (hooks never fired)")
+        scores, flags = run.scores, run.flags
+        if run.decode:  # flags raised after a sample's answer ended changed nothing: drop them
+            scores, flags = run.decode_summary(gen.n_tokens)
+            run.key_mask = run.key_mask & flags[:, None]
         pruned = [run.key_mask[i].nonzero().squeeze(-1) for i in range(len(batch))]
         info = {"gamma": cal.gamma, "tau": cal.tau, "tau_source": cal.tau_source, "layers": list(cal.layers),
                 "mask_scope": self.config.mask_scope, "passes": passes, "n_pruned": [int(p.numel()) for p in pruned],
-                "tokens": gen.tokens, "n_tokens": gen.n_tokens}
-        return DefenseOutput(texts=gen.texts, flags=run.flags.clone(), scores=torch.as_tensor(run.scores),
+                "tokens": gen.tokens, "n_tokens": gen.n_tokens, "query": self.config.query}
+        if run.decode:
+            info["flag_step"] = torch.where(flags, run.flag_step, -1)
+        return DefenseOutput(texts=gen.texts, flags=flags.clone(), scores=torch.as_tensor(scores),
                              pruned=pruned, info=info)
 
     # ------------------------------------------------------------------ files
