@@ -30,7 +30,9 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
             ``<repo>/data/results`` for full runs (shipped, so a clean clone reuses them) and
             ``<output_dir>/../results-smoke`` for smoke runs.
         recompute: ignore cached tables and compute everything again.
-        parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``).
+        parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``). With a
+            ``model``, figures and results default to ``<output_dir>/../figures-<name>`` and
+            ``results-<name>``, so the shipped gallery and tables of the embedded model stay as they are.
 
     Returns:
         one record per notebook with its name, seconds and output path.
@@ -40,6 +42,12 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
     notebook_dir = Path(notebook_dir).resolve()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    model = (parameters or {}).get("model")
+    if model is not None and not smoke:
+        # another model than the embedded default: keep the shipped gallery and results untouched
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(model).strip("/").split("/")[-1])
+        figures_dir = figures_dir or output_dir.parent / f"figures-{slug}"
+        results_dir = results_dir or output_dir.parent / f"results-{slug}"
     if figures_dir is None:
         figures_dir = (output_dir.parent / "figures-smoke") if smoke else (notebook_dir.parent / "figures")
     if results_dir is None:

@@ -38,6 +38,12 @@ def test_counts_and_model_specs(tmp_path):
     # a folder with one sub-folder per attack
     (tmp_path / "fam" / "sig").mkdir(parents=True)
     assert FigureContext(model=str(tmp_path / "fam")).model_spec("sig") == str(tmp_path / "fam" / "sig")
+    # one model to show (quick start): the model itself when loadable, else the first attack's member
+    assert FigureContext(model="tiny-llava/blended").single_model_spec() == "tiny-llava/blended"
+    assert FigureContext(model="tiny-llava", attacks=["sig", "badnet"]).single_model_spec() == "tiny-llava/sig"
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    assert FigureContext(model=str(tmp_path / "plain")).single_model_spec() == str(tmp_path / "plain")
 
 
 def test_cache_reuses_same_parameters_and_recomputes_otherwise(tmp_path):
@@ -67,3 +73,19 @@ def test_samples_are_deterministic():
     ctx = FigureContext(n_samples=5, seed=3)
     a, b = ctx.samples("test"), ctx.samples("test")
     assert len(a) == 5 and [s.prompt for s in a] == [s.prompt for s in b]
+
+
+def test_shared_tables_are_computed_once_for_every_notebook(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"x": [1, 2]})
+
+    a = FigureContext(results_dir=tmp_path / "03_a", log=lambda m: None)
+    b = FigureContext(results_dir=tmp_path / "04_b", log=lambda m: None)
+    a.cached("rows", compute, shared=True, n_val=5)
+    assert b.cached("rows", compute, shared=True, n_val=5)["x"].tolist() == [1, 2] and calls == [1]
+    assert (tmp_path / "shared" / "rows.manifest.json").is_file() and not (tmp_path / "04_b").exists()
+    b.cached("rows", compute, shared=True, n_val=6)                    # other parameters: computed again
+    assert calls == [1, 1]

@@ -9,6 +9,47 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+#: Every paper figure / table notebook and the figure files (stems; PNG + PDF) it must write.
+FIGURE_NOTEBOOKS = {
+    "01_pixel_vs_attention_perturbation": ["fig1_pixel_vs_attention"],
+    "02_attention_stealing": ["fig2_attention_stealing"],
+    "03_layerwise_detection": ["fig3_layerwise_detection"],
+    "04_detection_layer_sweep": ["fig4_detection_layer_sweep"],
+    "05_threshold_and_validation_size": ["fig5_threshold_and_validation_size"],
+    "06_pruning_threshold": ["fig6_pruning_threshold"],
+    "07_logit_lens": ["fig7_logit_lens"],
+    "08_defense_tables": ["table1_attack_defense", "table3_module_ablation", "table4_adapter_lora"],
+    "09_per_head_ablation": ["fig9_per_head_ablation"],
+}
+#: Names every figure notebook's parameters cell must set (papermill overrides them).
+PARAMETERS = ("model", "attacks", "n_samples", "seed", "device", "data", "results_dir", "figures_dir", "smoke",
+              "recompute")
+
+
+def _parameters_cell(nb):
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "exactly one cell must be tagged 'parameters'"
+    return "".join(cells[0]["source"])
+
+
+@pytest.mark.parametrize("stem", sorted(FIGURE_NOTEBOOKS))
+def test_every_figure_has_a_notebook_with_the_standard_parameters(stem):
+    import ast
+
+    path = ROOT / "notebooks" / f"{stem}.ipynb"
+    assert path.is_file(), f"missing notebook {path.name}"
+    tree = ast.parse(_parameters_cell(json.loads(path.read_text())))
+    names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+             if isinstance(t, ast.Name)}
+    assert set(PARAMETERS) <= names, f"{path.name} parameters cell lacks {sorted(set(PARAMETERS) - names)}"
+    assert all(isinstance(node, ast.Assign) for node in tree.body), "parameters cell: plain assignments only"
+
+
+@pytest.mark.parametrize("stem", sorted(FIGURE_NOTEBOOKS))
+def test_committed_gallery_has_every_figure(stem):
+    for fig in FIGURE_NOTEBOOKS[stem]:
+        for ext in ("png", "pdf"):
+            assert (ROOT / "figures" / f"{fig}.{ext}").stat().st_size > 5_000, f"{fig}.{ext} missing or empty"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -17,8 +58,7 @@ def test_committed_notebooks_have_no_outputs_and_a_parameters_cell(path):
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has outputs"
-    tags = [t for c in nb["cells"] for t in c.get("metadata", {}).get("tags", [])]
-    assert "parameters" in tags
+    _parameters_cell(nb)
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
 
 
@@ -31,5 +71,10 @@ def test_smoke_run_writes_figures(tmp_path):
     assert [r["notebook"] for r in records] == [p.name for p in NOTEBOOKS]
     assert (figures / "quickstart_image_attention.png").stat().st_size > 10_000
     assert (figures / "quickstart_image_attention.pdf").is_file()
+    for stem, names in FIGURE_NOTEBOOKS.items():
+        for name in names:
+            assert (figures / f"{name}.png").stat().st_size > 10_000, f"{stem} did not write {name}.png"
+            assert (figures / f"{name}.pdf").is_file(), f"{stem} did not write {name}.pdf"
+        assert any((tmp_path / "results-smoke" / stem).glob("*.manifest.json")), f"{stem} cached no table"
     results = tmp_path / "results-smoke" / "00_quickstart"
     assert (results / "group_mass.csv").is_file() and (results / "manifest.json").is_file()

@@ -11,11 +11,17 @@ on clean validation samples, runs clean and triggered test inputs through ``defe
   not detect);
 - ``mean_pruned``: mean number of image tokens masked per flagged sample (NaN when nothing prunes);
 - ``latency_ratio``: defended / undefended wall time (``prepare`` + ``generate``) on the clean test
-  inputs, the undefended run (:class:`~cleansight_analysis.defenses.NoDefense`) made in the same call.
+  inputs, the undefended run (:class:`~cleansight_analysis.defenses.NoDefense`) made in the same call or
+  shared by every row of the model (:class:`UndefendedRuns`).
 
 Table builders (:func:`attack_defense_table`, :func:`module_ablation_table`, :func:`mode_table`) loop
-:func:`evaluate`. The detection sweeps (:func:`layer_window_sweep`, :func:`quantile_sweep`,
-:func:`val_size_sweep`) work on a stealing table (:func:`detection_table`) without any generation;
+:func:`evaluate` through :func:`evaluation_grid`, which loads each model once and shares work between the
+rows of that model through an :class:`EvaluationCache`: the undefended runs (:class:`UndefendedRuns`: the
+``none`` answers and the latency baseline are computed once per model and test set, not once per defense)
+and fitted defenses (a CleanSight calibration fitted for the ``full`` row is reused by ``no_detection``).
+Reuse changes no answer, flag or score; only the timing columns differ (one baseline timing per model).
+The detection sweeps (:func:`layer_window_sweep`, :func:`quantile_sweep`, :func:`val_size_sweep`) work on
+a stealing table (:func:`detection_table`) without any generation;
 :func:`tau_sweep` runs the pruning rule with an oracle detector (every triggered input flagged).
 
 The Table 3 ablations are small defenses defined here: :class:`AlwaysFlag` (no detection: the wrapped
@@ -260,7 +266,8 @@ def _attack_target(attack: Any) -> str:
 def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_val: int = 200, seed: int = 0,
              samples: Sequence[Sample] | None = None, val_samples: Sequence[Sample] | None = None,
              max_new_tokens: int = 12, batch_size: int = 32, fit: bool = True, warmup: bool = True,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, undefended: "UndefendedRuns | None" = None,
+             cache: "EvaluationCache | None" = None) -> dict[str, Any]:
     """One table row: calibrate ``defense``, run clean + triggered test inputs, report every metric.
 
     Args:
@@ -273,11 +280,20 @@ def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_
         seed: world seed of the default samples and trigger seed.
         fit: ``False`` keeps an already calibrated defense (e.g. one loaded from disk).
         warmup: one small untimed batch through both defenses before timing.
+        undefended: the undefended runs of this model on these test samples (:func:`undefended_runs`),
+            reused instead of running :class:`NoDefense` again (checked against ``samples``, ``attack``,
+            ``seed``, ``batch_size`` and ``max_new_tokens``). For a plain :class:`NoDefense` row the
+            defended runs *are* the undefended runs (its triggered run is made once and stored in
+            ``undefended``), so its ``latency_ratio`` is exactly 1.
+        cache: an :class:`EvaluationCache` shared by several calls: it supplies (and keeps) the
+            undefended runs when ``undefended`` is None, and fitted defenses (see
+            :meth:`EvaluationCache.fit`). Pass the *same* sample lists to every call, or nothing is shared.
 
     Returns:
         a flat dict: :data:`METRICS`, ``false_trigger_rate``, ``clean_utility_undefended``,
-        ``seconds_defended`` / ``seconds_undefended``, ``fit_seconds`` and the settings (``defense``
-        = ``defense.to_dict()``, ``attack``, ``model``, ``n``, ``n_val``, ``seed``, ...).
+        ``seconds_defended`` / ``seconds_undefended``, ``fit_seconds``, ``undefended_reused`` /
+        ``fit_reused`` (whether those came from earlier work) and the settings (``defense`` =
+        ``defense.to_dict()``, ``attack``, ``model``, ``n``, ``n_val``, ``seed``, ...).
     """
     from ..attacks import triggered_copy
 
@@ -292,37 +308,251 @@ def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_
     seed = _pos_int(seed, "seed", owner, minimum=0)
     test = _samples(samples if samples is not None else synthetic_samples("test", _pos_int(n_test, "n_test", owner),
                                                                           seed), "samples", owner)
+    if cache is not None and not isinstance(cache, EvaluationCache):
+        raise InputError(f"{owner}: cache must be an EvaluationCache, got {type(cache).__name__}")
     fit_seconds = 0.0
+    fit_reused = False
     n_val_used = 0
     if fit:
         val = _samples(val_samples if val_samples is not None
                        else synthetic_samples("calibration", _pos_int(n_val, "n_val", owner), seed),
                        "val_samples", owner)
         n_val_used = len(val)
-        t0 = time.perf_counter()
-        defense.fit(model, val)
-        fit_seconds = time.perf_counter() - t0
+        if cache is not None:
+            fit_seconds, fit_reused = cache.fit(model, defense, val)
+        else:
+            t0 = time.perf_counter()
+            defense.fit(model, val)
+            fit_seconds = time.perf_counter() - t0
     triggered = triggered_copy(test, attack, seed=seed)
     baseline = NoDefense()
     run = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
-    if warmup:
-        warm = test[:min(2, len(test))]
-        run_defense(model, baseline, warm, progress=False, **run)
-        run_defense(model, defense, warm, progress=False, **run)
-    undefended = run_defense(model, baseline, test, progress=progress, desc="undefended (clean)", **run)
-    clean = run_defense(model, defense, test, progress=progress, desc=f"{defense.name} (clean)", **run)
-    trig = run_defense(model, defense, triggered, progress=progress, desc=f"{defense.name} (triggered)", **run)
+    settings = dict(attack=attack, seed=seed, **run)
+    reused = undefended is not None or cache is not None
+    if undefended is not None:
+        if not isinstance(undefended, UndefendedRuns):
+            raise InputError(f"{owner}: undefended must be an UndefendedRuns, got {type(undefended).__name__}")
+        undefended.check(model, test, **settings)
+    elif cache is not None:
+        undefended, reused = cache.undefended(model, test, warmup=warmup, progress=progress, **settings)
+    plain_none = type(defense) is NoDefense
+    if undefended is None:  # stand-alone call: the undefended baseline is run here, next to the defense
+        if warmup:
+            warm = test[:min(2, len(test))]
+            run_defense(model, baseline, warm, progress=False, **run)
+            run_defense(model, defense, warm, progress=False, **run)
+        base = run_defense(model, baseline, test, progress=progress, desc="undefended (clean)", **run)
+        clean = run_defense(model, defense, test, progress=progress, desc=f"{defense.name} (clean)", **run)
+        trig = run_defense(model, defense, triggered, progress=progress, desc=f"{defense.name} (triggered)", **run)
+    elif plain_none:  # the undefended runs are this row's runs
+        base = clean = undefended.clean
+        if undefended.triggered is None:
+            undefended.triggered = run_defense(model, baseline, triggered, progress=progress,
+                                               desc="undefended (triggered)", **run)
+        trig = undefended.triggered
+    else:
+        base = undefended.clean
+        if warmup:
+            run_defense(model, defense, test[:min(2, len(test))], progress=False, **run)
+        clean = run_defense(model, defense, test, progress=progress, desc=f"{defense.name} (clean)", **run)
+        trig = run_defense(model, defense, triggered, progress=progress, desc=f"{defense.name} (triggered)", **run)
     row: dict[str, Any] = score_runs(clean, trig, test, _attack_target(attack))
-    row["latency_ratio"] = clean.seconds / undefended.seconds if undefended.seconds > 0 else float("nan")
-    row["clean_utility_undefended"] = _mean(utilities(undefended.texts, test))
+    row["latency_ratio"] = clean.seconds / base.seconds if base.seconds > 0 else float("nan")
+    row["clean_utility_undefended"] = _mean(utilities(base.texts, test))
     row.update({
-        "seconds_defended": round(clean.seconds, 4), "seconds_undefended": round(undefended.seconds, 4),
-        "fit_seconds": round(fit_seconds, 4),
+        "seconds_defended": round(clean.seconds, 4), "seconds_undefended": round(base.seconds, 4),
+        "fit_seconds": round(fit_seconds, 4), "undefended_reused": bool(reused), "fit_reused": bool(fit_reused),
         "defense": defense.to_dict(), "defense_name": defense.name, "attack": attack.to_dict(),
         "target": _attack_target(attack), "model": getattr(model, "name", None), "n": len(test),
         "n_val": n_val_used, "seed": seed, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
     })
     return row
+
+
+def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+_EVALUATE_DEFAULTS = _defaults(evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Work shared between rows: undefended runs and fitted defenses
+# ---------------------------------------------------------------------------------------------
+
+
+#: Defense settings that change only generation, never what ``fit`` learns (read from ``defense.config``).
+GENERATION_ONLY_SETTINGS: frozenset[str] = frozenset({"mask_scope"})
+
+
+def _generation_only(defense: Defense) -> dict[str, Any]:
+    """``{name: value}`` of :data:`GENERATION_ONLY_SETTINGS` found on ``defense.config`` (a dataclass)."""
+    from dataclasses import fields, is_dataclass
+
+    cfg = getattr(defense, "config", None)
+    if cfg is None or not is_dataclass(cfg):
+        return {}
+    names = {f.name for f in fields(cfg)} & GENERATION_ONLY_SETTINGS
+    return {n: getattr(cfg, n) for n in names}
+
+
+def _samples_signature(samples: Sequence[Sample]) -> tuple:
+    """What identifies a test set when undefended runs are checked: ids and prompts, in order."""
+    return tuple((s.sample_id, s.prompt) for s in samples)
+
+
+def _attack_signature(attack: Any) -> str:
+    to_dict = getattr(attack, "to_dict", None)
+    return json.dumps(to_dict() if callable(to_dict) else repr(attack), sort_keys=True, default=str)
+
+
+@dataclass
+class UndefendedRuns:
+    """The undefended model (:class:`NoDefense`) on one test set, shared by every defense evaluated on it.
+
+    Attributes:
+        clean: the run on the clean test samples; its ``seconds`` is the latency baseline of every row.
+        triggered: the run on their triggered copies (made when a ``none`` row first needs it), or None.
+        model_name: ``model.name`` of the model that answered.
+        signature: ``(sample ids and prompts, attack settings, seed, batch_size, max_new_tokens)``: what
+            :meth:`check` compares before a row reuses these runs.
+    """
+
+    clean: ConditionRun
+    triggered: ConditionRun | None = None
+    model_name: Any = None
+    signature: tuple = ()
+
+    @staticmethod
+    def make_signature(samples: Sequence[Sample], attack: Any, seed: int, batch_size: int,
+                       max_new_tokens: int) -> tuple:
+        return (_samples_signature(samples), _attack_signature(attack), int(seed), int(batch_size),
+                int(max_new_tokens))
+
+    def check(self, model: Any, samples: Sequence[Sample], *, attack: Any, seed: int, batch_size: int,
+              max_new_tokens: int) -> None:
+        """Raise :class:`InputError` unless these runs were made by this model on these settings."""
+        want = self.make_signature(samples, attack, seed, batch_size, max_new_tokens)
+        if self.signature != want or len(self.clean.texts) != len(samples):
+            raise InputError("evaluate: the undefended runs were made on other test samples or settings "
+                             "(samples, attack, seed, batch_size, max_new_tokens must match)")
+        if self.model_name != getattr(model, "name", None):
+            raise InputError(f"evaluate: the undefended runs come from model {self.model_name!r}, not "
+                             f"{getattr(model, 'name', None)!r}")
+
+
+def undefended_runs(model: Any, attack: Any, samples: Sequence[Sample] | None = None, *, n_test: int = 256,
+                    seed: int = 0, batch_size: int = 32, max_new_tokens: int = 12, triggered: bool = True,
+                    warmup: bool = True, progress: bool = True) -> UndefendedRuns:
+    """The undefended runs of ``model`` on ``samples`` (default: ``n_test`` synthetic test samples) and, with
+    ``triggered=True``, on their triggered copies; pass the result to :func:`evaluate` as ``undefended``."""
+    from ..attacks import triggered_copy
+
+    owner = "undefended_runs"
+    seed = _pos_int(seed, "seed", owner, minimum=0)
+    batch_size = _pos_int(batch_size, "batch_size", owner)
+    max_new_tokens = _pos_int(max_new_tokens, "max_new_tokens", owner)
+    test = _samples(samples if samples is not None else synthetic_samples("test", _pos_int(n_test, "n_test", owner),
+                                                                          seed), "samples", owner)
+    run = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    baseline = NoDefense()
+    if warmup:
+        run_defense(model, baseline, test[:min(2, len(test))], progress=False, **run)
+    out = UndefendedRuns(run_defense(model, baseline, test, progress=progress, desc="undefended (clean)", **run),
+                         model_name=getattr(model, "name", None),
+                         signature=UndefendedRuns.make_signature(test, attack, seed, batch_size, max_new_tokens))
+    if triggered:
+        out.triggered = run_defense(model, baseline, triggered_copy(test, attack, seed=seed), progress=progress,
+                                    desc="undefended (triggered)", **run)
+    return out
+
+
+class EvaluationCache:
+    """Work that several :func:`evaluate` calls on the same model can share (:func:`evaluation_grid` makes
+    one per call; pass your own as ``cache=`` to share across tables).
+
+    - **Undefended runs**, one per (model object, test sample objects, attack, seed, batch size,
+      ``max_new_tokens``): greedy decoding is deterministic, so every defense's ``none`` baseline is the
+      same run.
+    - **Fitted defenses**, one per (model object, defense class and settings before ``fit``, validation
+      sample objects), for classes that override :meth:`Defense.fit`: a later row gets a deep copy of the
+      calibrated state instead of refitting. This assumes ``fit`` is a deterministic function of those
+      (true for every defense of this package). :class:`AlwaysFlag` shares its inner detector's fit.
+      Settings named in :data:`GENERATION_ONLY_SETTINGS` (CleanSight's ``mask_scope``) are left out of
+      the key and keep the later defense's own value, so two CleanSights that differ only in where they
+      mask share one calibration.
+
+    Entries keep references to their model and samples, so keys (object ids) stay valid.
+    ``stats`` counts computed and reused entries.
+    """
+
+    def __init__(self) -> None:
+        self._undefended: dict[tuple, tuple[UndefendedRuns, tuple]] = {}
+        self._fitted: dict[tuple, tuple[Defense | None, float, tuple]] = {}
+        self.stats = {"undefended_computed": 0, "undefended_reused": 0, "fit_computed": 0, "fit_reused": 0}
+
+    def __len__(self) -> int:
+        return len(self._undefended) + len(self._fitted)
+
+    def undefended(self, model: Any, samples: Sequence[Sample], *, attack: Any, seed: int, batch_size: int,
+                   max_new_tokens: int, warmup: bool = True, progress: bool = True) -> tuple[UndefendedRuns, bool]:
+        """``(runs, reused)``: the stored undefended runs for these inputs, made now if missing (clean run
+        only; the triggered run is added by the first ``none`` row)."""
+        samples = list(samples)
+        key = (id(model), tuple(map(id, samples)), _attack_signature(attack), int(seed), int(batch_size),
+               int(max_new_tokens))
+        if key in self._undefended:
+            self.stats["undefended_reused"] += 1
+            return self._undefended[key][0], True
+        runs = undefended_runs(model, attack, samples, seed=seed, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, triggered=False, warmup=warmup, progress=progress)
+        self._undefended[key] = (runs, (model, samples))
+        self.stats["undefended_computed"] += 1
+        return runs, False
+
+    def fit(self, model: Any, defense: Defense, val: Sequence[Sample]) -> tuple[float, bool]:
+        """Fit ``defense`` on ``val`` in place, or give it the calibrated state of an identical earlier fit.
+
+        Returns:
+            ``(fit seconds, reused)``; for a reused fit the seconds are those of the original fit.
+        """
+        if isinstance(defense, AlwaysFlag):
+            return self.fit(model, defense.inner, val)
+        val = list(val)
+        if type(defense).fit is Defense.fit:  # nothing to calibrate
+            t0 = time.perf_counter()
+            defense.fit(model, val)
+            return time.perf_counter() - t0, False
+        try:
+            settings = json.dumps({k: v for k, v in defense.to_dict().items() if k not in GENERATION_ONLY_SETTINGS},
+                                  sort_keys=True, default=str)
+        except Exception:  # noqa: BLE001 - an unserialisable defense is simply not shared
+            settings = None
+        key = (id(model), f"{type(defense).__module__}.{type(defense).__qualname__}", settings,
+               tuple(map(id, val)))
+        hit = self._fitted.get(key) if settings is not None else None
+        if hit is not None and hit[0] is not None:
+            own = _generation_only(defense)
+            defense.__dict__.update(copy.deepcopy(hit[0]).__dict__)
+            if own:  # keep this defense's own generation-only settings
+                from dataclasses import replace
+
+                defense.config = replace(defense.config, **own)
+            self.stats["fit_reused"] += 1
+            return hit[1], True
+        t0 = time.perf_counter()
+        defense.fit(model, val)
+        seconds = time.perf_counter() - t0
+        if settings is not None:
+            try:
+                snapshot = copy.deepcopy(defense)
+            except Exception:  # noqa: BLE001 - not copyable: fit again next time
+                snapshot = None
+            self._fitted[key] = (snapshot, seconds, (model, val))
+        self.stats["fit_computed"] += 1
+        return seconds, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +714,7 @@ class AlwaysFlag(Defense):
 # ---------------------------------------------------------------------------------------------
 
 DefenseSpec = Any  # name | (name, settings) | Defense | () -> Defense
-ModelSpec = Any  # registry name / folder | (model, attack)
+ModelSpec = Any  # registry name / folder | (model, attack) | (model, attack, card)
 
 
 def make_defense(spec: DefenseSpec) -> Defense:
@@ -506,9 +736,12 @@ def make_defense(spec: DefenseSpec) -> Defense:
 
 
 def resolve_model(spec: ModelSpec, device: Any = None) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, attack, card)`` from a registry name / folder (attack from its card) or ``(model, attack)``."""
+    """``(model, attack, card)`` from a registry name / folder (attack from its card), ``(model, attack)``
+    or ``(model, attack, card)`` (e.g. what :meth:`FigureContext.load` returns: no second load)."""
     if isinstance(spec, tuple) and len(spec) == 2:
         return spec[0], spec[1], {}
+    if isinstance(spec, tuple) and len(spec) == 3:
+        return spec[0], spec[1], dict(spec[2] or {})
     if not isinstance(spec, str):
         raise InputError(f"cannot load a model from {spec!r}: pass a registry name or (model, attack)")
     from pathlib import Path
@@ -529,9 +762,21 @@ def _defense_label(label: Any, defense: Defense) -> str:
     return label if isinstance(label, str) else defense.name
 
 
+def _evaluate_default(name: str) -> Any:
+    """Default of :func:`evaluate`'s keyword ``name`` (read once, when the module is imported)."""
+    return _EVALUATE_DEFAULTS[name]
+
+
 def evaluation_grid(models: Mapping[str, ModelSpec], defenses: Mapping[str, DefenseSpec] | Sequence[DefenseSpec], *,
-                    row_key: str = "attack", device: Any = None, **kwargs: Any) -> "pd.DataFrame":
-    """Tidy table: one :func:`evaluate` row per (model, defense); ``row_key`` names the model column."""
+                    row_key: str = "attack", device: Any = None, cache: EvaluationCache | None = None,
+                    **kwargs: Any) -> "pd.DataFrame":
+    """Tidy table: one :func:`evaluate` row per (model, defense); ``row_key`` names the model column.
+
+    Each model is resolved (loaded) once. The test and validation samples are made once and every row
+    of a model shares an :class:`EvaluationCache` (``cache``, default a new one per call): the undefended
+    runs are made once per model (the ``none`` row and every latency baseline use them) and identical
+    fits are made once. ``kwargs`` go to :func:`evaluate`.
+    """
     import pandas as pd
 
     if not models:
@@ -539,12 +784,27 @@ def evaluation_grid(models: Mapping[str, ModelSpec], defenses: Mapping[str, Defe
     items = list(defenses.items()) if isinstance(defenses, Mapping) else [(None, d) for d in defenses]
     if not items:
         raise InputError("evaluation_grid: no defenses given")
+    if cache is None:
+        cache = EvaluationCache()
+    elif not isinstance(cache, EvaluationCache):
+        raise InputError(f"evaluation_grid: cache must be an EvaluationCache, got {type(cache).__name__}")
+    owner = "evaluation_grid"
+    seed = kwargs.get("seed", _evaluate_default("seed"))
+    if kwargs.get("samples") is None:  # one sample list for every row, so the cache can match it
+        n_test = _pos_int(kwargs.get("n_test", _evaluate_default("n_test")), "n_test", owner)
+        kwargs["samples"] = synthetic_samples("test", n_test, _pos_int(seed, "seed", owner, minimum=0))
+    if kwargs.get("val_samples") is None and kwargs.get("fit", True):
+        n_val = _pos_int(kwargs.get("n_val", _evaluate_default("n_val")), "n_val", owner)
+        kwargs["val_samples"] = synthetic_samples("calibration", n_val, _pos_int(seed, "seed", owner, minimum=0))
+    kwargs["samples"] = _samples(kwargs["samples"], "samples", owner)
+    if kwargs.get("val_samples") is not None:
+        kwargs["val_samples"] = _samples(kwargs["val_samples"], "val_samples", owner)
     rows = []
     for row_label, spec in models.items():
         model, attack, card = resolve_model(spec, device)
         for label, dspec in items:
             defense = make_defense(dspec)
-            row = evaluate(model, attack, defense, **kwargs)
+            row = evaluate(model, attack, defense, cache=cache, **kwargs)
             row["defense_settings"] = json.dumps(row.pop("defense"), default=str)
             row["attack_settings"] = json.dumps(row.pop("attack"), default=str)
             row[row_key] = row_label
@@ -586,17 +846,30 @@ def attack_defense_table(models_by_attack: Mapping[str, ModelSpec], defenses: Ma
     return tidy if layout == "long" else wide_table(tidy, row_key="attack", metrics=metrics)
 
 
+#: Rows of :func:`module_ablation_table`.
+ABLATION_VARIANTS: tuple[str, ...] = ("none", "full", "no_detection", "random_pruning")
+
+
 def module_ablation_table(models_by_attack: Mapping[str, ModelSpec], *, cleansight: DefenseSpec = "cleansight",
                           random_fraction: float = 0.9, metrics: Sequence[str] = ("asr", "clean_utility"),
-                          layout: str = "wide", **kwargs: Any) -> "pd.DataFrame":
+                          layout: str = "wide", variants: Sequence[str] = ABLATION_VARIANTS,
+                          **kwargs: Any) -> "pd.DataFrame":
     """Table 3: full CleanSight, no detection (:class:`AlwaysFlag`: prune every input) and random pruning
-    of ``random_fraction`` of the image tokens (:class:`RandomPruning`), plus the undefended row."""
-    defenses = {
+    of ``random_fraction`` of the image tokens (:class:`RandomPruning`), plus the undefended row.
+
+    ``variants`` picks rows of :data:`ABLATION_VARIANTS` (e.g. leave out ``none`` / ``full`` when an
+    attack x defense table already holds them)."""
+    unknown = [v for v in variants if v not in ABLATION_VARIANTS]
+    if unknown or not variants:
+        raise InputError(f"module_ablation_table: variants {list(variants)!r} must be a non-empty subset of "
+                         f"{ABLATION_VARIANTS}")
+    every = {
         "none": "none",
         "full": cleansight,
         "no_detection": lambda: AlwaysFlag(make_defense(cleansight)),
         "random_pruning": lambda: RandomPruning(random_fraction, seed=int(kwargs.get("seed", 0))),
     }
+    defenses = {v: every[v] for v in ABLATION_VARIANTS if v in variants}
     tidy = evaluation_grid(models_by_attack, defenses, row_key="attack", **kwargs)
     return tidy if layout == "long" else wide_table(tidy, row_key="attack", metrics=metrics)
 
@@ -829,7 +1102,7 @@ def _nan_to_none(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
-__all__ = ["AlwaysFlag", "ConditionRun", "METRICS", "QUANTILES", "RandomPruning", "TAUS", "VAL_SIZES",
+__all__ = ["ABLATION_VARIANTS", "AlwaysFlag", "ConditionRun", "EvaluationCache", "GENERATION_ONLY_SETTINGS", "METRICS", "UndefendedRuns", "undefended_runs", "QUANTILES", "RandomPruning", "TAUS", "VAL_SIZES",
            "answer_utility", "utilities", "attack_defense_table", "attention_pruning_positions", "detection_table", "evaluate",
            "evaluation_grid", "key_mask_hooks", "layer_window_sweep", "make_defense", "mode_table",
            "module_ablation_table", "quantile_sweep", "resolve_model", "run_defense", "score_runs",

@@ -116,6 +116,15 @@ class FigureContext:
         raise InputError(f"no model for attack {attack!r}: {self.model!r} is neither a family with a member "
                          f"{self.model}/{attack}, a folder with a sub-folder {attack!r}, nor a model with a card")
 
+    def single_model_spec(self) -> str:
+        """``model`` itself when it names one loadable model (registry entry, or a folder with a
+        ``config.json``), else the member for the first attack (a family or a folder of per-attack folders)."""
+        from ..models.registry import lookup
+
+        if lookup(self.model) is not None or (Path(self.model) / "config.json").is_file():
+            return self.model
+        return self.model_spec(self.attacks[0])
+
     @staticmethod
     def _card(spec: str) -> dict | None:
         from ..models.loading import read_card
@@ -161,20 +170,27 @@ class FigureContext:
         return list(items[offset::3])[:n]
 
     # ------------------------------------------------------------------ caching
+    @property
+    def shared_dir(self) -> Path:
+        """Folder of tables several notebooks use (``<results_dir>/../shared``)."""
+        return Path(self.results_dir).parent / "shared"
+
     def cached(self, name: str, compute: Callable[[], Any], *, model: Any = None, attack: Any = None,
-               **params: Any) -> Any:
+               shared: bool = False, **params: Any) -> Any:
         """Load table ``name`` from ``results_dir`` if it was computed with the same parameters, else compute it.
 
         The cache key is ``params`` plus :meth:`settings` (model, attacks, sample count, seed, device, ...),
         compared as JSON with the ``params`` stored in the table's manifest. ``compute()`` must return a
-        pandas DataFrame. Prints whether the table was reused or computed.
+        pandas DataFrame. Prints whether the table was reused or computed. ``shared=True`` keeps the table
+        in :attr:`shared_dir` instead, so every notebook asking for it with the same parameters reuses one
+        copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first.
         """
         import time
 
-        from ..results import load_manifest, load_table, save_table, table_path
+        from ..results import load_manifest, load_table, save_table
 
         key = _jsonable({**self.settings(), **params})
-        out = Path(self.results_dir)
+        out = self.shared_dir if shared else Path(self.results_dir)
         if not self.recompute:
             for fmt in ("parquet", "csv"):
                 path = out / f"{name}.{fmt}"
