@@ -29,7 +29,8 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         results_dir: root of the cached result tables, one sub-folder per notebook; default
             ``<repo>/data/results`` for full runs (shipped, so a clean clone reuses them) and
             ``<output_dir>/../results-smoke`` for smoke runs.
-        recompute: ignore cached tables and compute everything again.
+        recompute: ignore cached tables and compute everything again (each table once: the notebooks get
+            this call's start time, and tables created after it are reused).
         parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``). With a
             ``model``, figures and results default to ``<output_dir>/../figures-<name>`` and
             ``results-<name>``, so the shipped gallery and tables of the embedded model stay as they are.
@@ -52,6 +53,10 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         figures_dir = (output_dir.parent / "figures-smoke") if smoke else (notebook_dir.parent / "figures")
     if results_dir is None:
         results_dir = (output_dir.parent / "results-smoke") if smoke else (notebook_dir.parent / "data" / "results")
+    if recompute:  # tables made before now are redone; one shared by several notebooks only once
+        from datetime import datetime, timezone
+
+        recompute = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     params = {"smoke": smoke, "figures_dir": str(Path(figures_dir).resolve()), "recompute": recompute,
               "results_dir": str(Path(results_dir).resolve()), **(parameters or {})}
     notebooks = find_notebooks(notebook_dir, only)
@@ -63,6 +68,9 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         start = time.perf_counter()
         log(f"running {path.name} (smoke={smoke}, recompute={recompute}) ...")
         nb_params = dict(params, results_dir=str(Path(params["results_dir"]) / path.stem))
+        declared = set(pm.inspect_notebook(str(path)))
+        # the runner's own settings go only to notebooks that declare them; the caller's always go
+        nb_params = {k: v for k, v in nb_params.items() if k in declared or k in (parameters or {})}
         pm.execute_notebook(str(path), str(out), parameters=nb_params, kernel_name="python3",
                             cwd=str(notebook_dir), progress_bar=False, log_output=False)
         seconds = time.perf_counter() - start

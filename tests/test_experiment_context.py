@@ -89,3 +89,24 @@ def test_shared_tables_are_computed_once_for_every_notebook(tmp_path):
     assert (tmp_path / "shared" / "rows.manifest.json").is_file() and not (tmp_path / "04_b").exists()
     b.cached("rows", compute, shared=True, n_val=6)                    # other parameters: computed again
     assert calls == [1, 1]
+
+
+def test_recompute_since_a_timestamp_redoes_only_older_tables(tmp_path):
+    import time
+    from datetime import datetime, timezone
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"x": [len(calls)]})
+
+    FigureContext(results_dir=tmp_path / "a", log=lambda m: None).cached("t", compute, shared=True)
+    time.sleep(1.1)
+    start = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    first = FigureContext(results_dir=tmp_path / "a", recompute=start, log=lambda m: None)
+    first.cached("t", compute, shared=True)                    # older than the run: recomputed
+    second = FigureContext(results_dir=tmp_path / "b", recompute=start, log=lambda m: None)
+    assert second.cached("t", compute, shared=True).x.tolist() == [2] and calls == [1, 1]   # made in this run
+    with pytest.raises(InputError, match="ISO timestamp"):
+        FigureContext(recompute="yesterday")

@@ -49,6 +49,8 @@ class FigureContext:
         data: ``None`` for the synthetic world (the tiny family's data), or ``"<dataset>:<folder>"`` with a
             dataset of :func:`cleansight_analysis.data.load_dataset_folder` (``"vqav2:/data/vqav2"``).
         recompute: ignore cached tables (also set by the environment variable ``CLEANSIGHT_RECOMPUTE=1``).
+            An ISO timestamp instead recomputes only tables created before it: ``cleansight figures
+            --recompute`` passes its start time, so a table shared by several notebooks is computed once.
     """
 
     model: str = "tiny-llava"
@@ -60,7 +62,7 @@ class FigureContext:
     figures_dir: str | os.PathLike = "../figures"
     smoke: bool = False
     data: str | None = None
-    recompute: bool = False
+    recompute: bool | str = False
     log: Callable[[str], Any] = field(default=print, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -82,7 +84,17 @@ class FigureContext:
         self.results_dir = Path(self.results_dir)
         self.figures_dir = Path(self.figures_dir)
         self.smoke = bool(self.smoke)
-        self.recompute = bool(self.recompute) or os.environ.get("CLEANSIGHT_RECOMPUTE", "") not in ("", "0")
+        if isinstance(self.recompute, str):
+            from datetime import datetime
+
+            try:
+                self._recompute_before = datetime.fromisoformat(self.recompute)
+            except ValueError:
+                raise InputError(f"recompute must be True/False or an ISO timestamp, got {self.recompute!r}") from None
+            self.recompute = False
+        else:
+            self._recompute_before = None
+            self.recompute = bool(self.recompute) or os.environ.get("CLEANSIGHT_RECOMPUTE", "") not in ("", "0")
         self._loaded: dict[str, tuple[Any, Any, dict]] = {}
 
     # ------------------------------------------------------------------ sizes
@@ -200,6 +212,13 @@ class FigureContext:
                     manifest = load_manifest(path)
                 except InputError:
                     break
+                if manifest.get("params") == key and self._recompute_before is not None:
+                    from datetime import datetime
+
+                    created = manifest.get("created")
+                    if created is None or datetime.fromisoformat(created) < self._recompute_before:
+                        self.log(f"{name}: cached before this run started; recomputing")
+                        break
                 if manifest.get("params") == key:
                     self.log(f"{name}: reusing cached results {path} (computed {manifest.get('created')}, "
                              f"same parameters; set recompute=True to redo)")
