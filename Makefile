@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=8
 
 # unit tests only (skips the notebook smoke run)
 test-fast: setup
