@@ -40,7 +40,7 @@ figures: setup
 	$(VENV)/bin/cleansight figures
 
 figures-smoke: setup
-	$(VENV)/bin/cleansight figures --smoke
+	$(VENV)/bin/cleansight figures --smoke --jobs 2
 
 bench: setup
 	$(PY) benchmarks/bench_attention_rows.py

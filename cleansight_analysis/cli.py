@@ -104,7 +104,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
     if args.device:
         params["device"] = args.device
     records = run_notebooks(args.notebooks, args.output, smoke=args.smoke, only=args.only, parameters=params,
-                            figures_dir=args.figures_dir, results_dir=args.results_dir, recompute=args.recompute)
+                            figures_dir=args.figures_dir, results_dir=args.results_dir, recompute=args.recompute,
+                            jobs=args.jobs)
     total = sum(r["seconds"] for r in records)
     print(f"{len(records)} notebook(s) in {total:.1f} s")
     return 0
@@ -459,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     fig.add_argument("--figures-dir", default=None)
     fig.add_argument("--results-dir", default=None,
                      help="root of the cached result tables (default data/results; smoke: build/results-smoke)")
+    fig.add_argument("--jobs", type=int, default=1, help="notebooks run at once (default 1; smoke runs: 2)")
     fig.add_argument("--recompute", action="store_true",
                      help="ignore cached result tables and compute every experiment again")
     fig.add_argument("--model", default=None, help="override every notebook's `model` parameter")

@@ -16,9 +16,19 @@ def find_notebooks(notebook_dir: str | Path, only: Iterable[str] | None = None) 
     return paths
 
 
+def _execute(path: str, out: str, parameters: dict[str, Any], cwd: str) -> dict[str, Any]:
+    """Execute one notebook with papermill; a top-level function so worker processes can run it."""
+    import papermill as pm
+
+    start = time.perf_counter()
+    pm.execute_notebook(path, out, parameters=parameters, kernel_name="python3", cwd=cwd, progress_bar=False,
+                        log_output=False)
+    return {"notebook": Path(path).name, "seconds": round(time.perf_counter() - start, 2), "output": out}
+
+
 def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path = "build/notebooks", *,
                   smoke: bool = False, figures_dir: str | Path | None = None, results_dir: str | Path | None = None,
-                  only: Iterable[str] | None = None, recompute: bool = False,
+                  only: Iterable[str] | None = None, recompute: bool = False, jobs: int = 1,
                   parameters: dict[str, Any] | None = None, log: Any = print) -> list[dict[str, Any]]:
     """Execute notebooks with papermill; executed copies go to ``output_dir`` (not tracked by git).
 
@@ -29,6 +39,8 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         results_dir: root of the cached result tables, one sub-folder per notebook; default
             ``<repo>/data/results`` for full runs (shipped, so a clean clone reuses them) and
             ``<output_dir>/../results-smoke`` for smoke runs.
+        jobs: notebooks executed at once (each in its own kernel, one torch thread). A table shared by
+            notebooks running at the same time may be computed twice (writes are atomic, so never torn).
         recompute: ignore cached tables and compute everything again (each table once: the notebooks get
             this call's start time, and tables created after it are reused).
         parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``). With a
@@ -62,18 +74,28 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
     notebooks = find_notebooks(notebook_dir, only)
     if not notebooks:
         raise FileNotFoundError(f"no notebooks found in {notebook_dir}")
-    records = []
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    tasks = []
     for path in notebooks:
-        out = output_dir / path.name
-        start = time.perf_counter()
-        log(f"running {path.name} (smoke={smoke}, recompute={recompute}) ...")
         nb_params = dict(params, results_dir=str(Path(params["results_dir"]) / path.stem))
         declared = set(pm.inspect_notebook(str(path)))
         # the runner's own settings go only to notebooks that declare them; the caller's always go
         nb_params = {k: v for k, v in nb_params.items() if k in declared or k in (parameters or {})}
-        pm.execute_notebook(str(path), str(out), parameters=nb_params, kernel_name="python3",
-                            cwd=str(notebook_dir), progress_bar=False, log_output=False)
-        seconds = time.perf_counter() - start
-        log(f"  done in {seconds:.1f} s -> {out}")
-        records.append({"notebook": path.name, "seconds": round(seconds, 2), "output": str(out)})
+        tasks.append((str(path), str(output_dir / path.name), nb_params, str(notebook_dir)))
+    records = []
+    if jobs == 1:
+        for task in tasks:
+            log(f"running {Path(task[0]).name} (smoke={smoke}, recompute={recompute}) ...")
+            records.append(_execute(*task))
+            log(f"  done in {records[-1]['seconds']:.1f} s -> {records[-1]['output']}")
+        return records
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    log(f"running {len(tasks)} notebooks, {jobs} at a time (smoke={smoke}, recompute={recompute}) ...")
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for record in pool.map(_execute, *zip(*tasks)):
+            log(f"  {record['notebook']} done in {record['seconds']:.1f} s -> {record['output']}")
+            records.append(record)
     return records

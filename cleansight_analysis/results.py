@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,12 @@ def save_table(df: Any, out_dir: str | Path, name: str, *, fmt: str = "auto", mo
     path = table_path(out_dir, name, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     df = _flat_cells(df)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if path.suffix == ".parquet":
-        df.to_parquet(path, index=False)
+        df.to_parquet(tmp, index=False)
     else:
-        df.to_csv(path, index=False)
+        df.to_csv(tmp, index=False)
+    os.replace(tmp, path)   # atomic: notebooks running at once never read a half-written table
     if is_dataclass(settings) and not isinstance(settings, type):
         settings = asdict(settings)
     attack_info = attack.to_dict() if hasattr(attack, "to_dict") else attack

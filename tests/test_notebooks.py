@@ -67,7 +67,7 @@ def test_smoke_run_writes_figures(tmp_path):
     from cleansight_analysis.notebooks import run_notebooks
 
     figures = tmp_path / "figures"
-    records = run_notebooks(ROOT / "notebooks", tmp_path / "executed", smoke=True, figures_dir=figures)
+    records = run_notebooks(ROOT / "notebooks", tmp_path / "executed", smoke=True, figures_dir=figures, jobs=2)
     assert [r["notebook"] for r in records] == [p.name for p in NOTEBOOKS]
     assert (figures / "quickstart_image_attention.png").stat().st_size > 10_000
     assert (figures / "quickstart_image_attention.pdf").is_file()
