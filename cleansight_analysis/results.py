@@ -78,6 +78,20 @@ def _flat_cells(df: Any) -> Any:
     return out
 
 
+def array_cell(value: Any, dtype: Any = float) -> Any:
+    """An array-valued cell as ``numpy.ndarray``, fresh (array / list) or reloaded from disk (the JSON text
+    :func:`save_table` wrote); ``None``, NaN and JSON ``null`` give ``None``."""
+    import numpy as np
+
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    if isinstance(value, (bytes, str)):
+        value = json.loads(value)
+        if value is None:
+            return None
+    return np.asarray(value, dtype=dtype)
+
+
 def load_table(path: str | Path) -> Any:
     """Read a table written by :func:`save_table` (``.parquet`` or ``.csv``; a stem finds either)."""
     import pandas as pd

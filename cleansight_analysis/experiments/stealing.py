@@ -311,16 +311,10 @@ def thief_table(ctx: Any, attack: str, *, example: int = 0, k: int = 5, batch_si
 
 
 def as_array(value: Any, dtype: Any = float) -> np.ndarray | None:
-    """An array cell of a table, whether fresh (array / list) or reloaded from the cache (JSON text)."""
-    import json
+    """An array cell of a table, whether fresh or reloaded from the cache (:func:`~cleansight_analysis.results.array_cell`)."""
+    from ..results import array_cell
 
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    if isinstance(value, (bytes, str)):
-        value = json.loads(value)
-        if value is None:
-            return None
-    return np.asarray(value, dtype=dtype)
+    return array_cell(value, dtype)
 
 
 def thief_summary(thief: "Any", layers: dict[str, int] | None = None) -> "Any":

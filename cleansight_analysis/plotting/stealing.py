@@ -9,7 +9,6 @@ No model calls here.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Sequence
 
@@ -35,14 +34,10 @@ def _short(condition: str) -> str:
 
 
 def _array(value: Any, dtype: Any = float) -> np.ndarray | None:
-    """An array cell, fresh (array / list) or reloaded from the cache (JSON text); None stays None."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (str, bytes)):
-        value = json.loads(value)
-        if value is None:
-            return None
-    return np.asarray(value, dtype=dtype)
+    """An array cell, fresh or reloaded from the cache; None stays None."""
+    from ..results import array_cell
+
+    return array_cell(value, dtype)
 
 
 def _stack(ax: Any, x: float, shares: dict[str, float], *, width: float = 0.8, label_min: float = 0.06,
