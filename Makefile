@@ -37,7 +37,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not notebooks"
 
 figures: setup
-	$(VENV)/bin/cleansight figures
+	$(VENV)/bin/cleansight figures --jobs 2
 
 figures-smoke: setup
 	$(VENV)/bin/cleansight figures --smoke --jobs 2

@@ -110,3 +110,28 @@ def test_recompute_since_a_timestamp_redoes_only_older_tables(tmp_path):
     assert second.cached("t", compute, shared=True).x.tolist() == [2] and calls == [1, 1]   # made in this run
     with pytest.raises(InputError, match="ISO timestamp"):
         FigureContext(recompute="yesterday")
+
+
+def _shared_worker(args):
+    results_dir, marker = args
+    import time as _time
+
+    def compute():
+        with open(marker, "a") as fh:
+            fh.write("x")
+        _time.sleep(0.5)
+        return pd.DataFrame({"x": [1]})
+
+    ctx = FigureContext(results_dir=results_dir, log=lambda m: None)
+    return int(ctx.cached("rows", compute, shared=True, n_val=3).x[0])
+
+
+def test_shared_table_is_computed_once_by_notebooks_running_at_the_same_time(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    marker = tmp_path / "computed"
+    jobs = [(str(tmp_path / f"0{i}_nb"), str(marker)) for i in range(3)]
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert list(pool.map(_shared_worker, jobs)) == [1, 1, 1]
+    assert marker.read_text() == "x"

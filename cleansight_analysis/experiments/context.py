@@ -15,6 +15,7 @@ its attack, or a local folder holding one sub-folder per attack (``/models/llava
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -195,14 +196,20 @@ class FigureContext:
         compared as JSON with the ``params`` stored in the table's manifest. ``compute()`` must return a
         pandas DataFrame. Prints whether the table was reused or computed. ``shared=True`` keeps the table
         in :attr:`shared_dir` instead, so every notebook asking for it with the same parameters reuses one
-        copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first.
+        copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first; notebooks running at
+        the same time (``cleansight figures --jobs 2``) take turns on it (a file lock), so it is computed once.
         """
+        key = _jsonable({**self.settings(), **params})
+        out = self.shared_dir if shared else Path(self.results_dir)
+        with _table_lock(out, name) if shared else contextlib.nullcontext():
+            return self._cached(out, name, key, compute, model=model, attack=attack, params=params)
+
+    def _cached(self, out: Path, name: str, key: Any, compute: Callable[[], Any], *, model: Any, attack: Any,
+                params: dict[str, Any]) -> Any:
         import time
 
         from ..results import load_manifest, load_table, save_table
 
-        key = _jsonable({**self.settings(), **params})
-        out = self.shared_dir if shared else Path(self.results_dir)
         if not self.recompute:
             for fmt in ("parquet", "csv"):
                 path = out / f"{name}.{fmt}"
@@ -241,6 +248,23 @@ class FigureContext:
         paths = save_figure(fig, self.figures_dir / name)
         self.log("wrote " + ", ".join(str(p) for p in paths))
         return paths
+
+
+@contextlib.contextmanager
+def _table_lock(folder: Path, name: str):
+    """Hold an exclusive lock on ``<folder>/.<name>.lock`` (POSIX ``flock``; no lock where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def fmt_pct(value: float, digits: int = 1) -> str:
