@@ -287,6 +287,17 @@ def whitened_distance(x: torch.Tensor | np.ndarray, mu: np.ndarray, sigma: np.nd
     return np.sqrt((z ** 2).sum(1))
 
 
+def _drop_keys(pattern: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Post-softmax ``pattern`` ``[B, H, Q, K]`` with the keys in ``key_mask`` ``[B, K']`` (``K' <= K``) zeroed
+    and each row renormalised; samples with no masked key are returned bit-identical."""
+    km = torch.zeros(pattern.shape[0], pattern.shape[-1], dtype=torch.bool)
+    km[:, : key_mask.shape[-1]] = key_mask
+    km = km.to(pattern.device)
+    edited = pattern.masked_fill(km[:, None, None, :], 0.0)
+    edited = edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
+    return torch.where(km.any(1)[:, None, None, None], edited, pattern)
+
+
 class _Pass:
     """Hooks of one forward / generate call: record features at prefill, optionally detect and mask.
 
@@ -370,11 +381,7 @@ class _Pass:
                     self.step_scores.append(self.scores)
                     self.flag_step = torch.where(self.flags, 0, -1)
                 if self.mask and bool(self.key_mask.any()):
-                    km = self.key_mask.to(pattern.device)
-                    edited = pattern.masked_fill(km[:, None, None, :], 0.0)
-                    edited = edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
-                    touched = km.any(1)[:, None, None, None]
-                    pattern = torch.where(touched, edited, pattern)  # unflagged rows stay bit-identical
+                    pattern = _drop_keys(pattern, self.key_mask)
             if self.stop:
                 raise StopForward
             return pattern
@@ -408,10 +415,7 @@ class _Pass:
         if self.mask:  # this step's l_e row of the newly flagged samples (earlier layers ran unmasked)
             km = torch.zeros(self.b, rows.shape[-1], dtype=torch.bool)
             km[:, : self.t] = self.key_mask & new[:, None]
-            km = km.to(pattern.device)
-            edited = pattern.masked_fill(km[:, None, None, :], 0.0)
-            edited = edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
-            pattern = torch.where(new.to(pattern.device)[:, None, None, None], edited, pattern)
+            pattern = _drop_keys(pattern, km)
         return pattern
 
     def decode_summary(self, n_tokens: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:

@@ -744,15 +744,11 @@ def resolve_model(spec: ModelSpec, device: Any = None) -> tuple[Any, Any, dict[s
         return spec[0], spec[1], dict(spec[2] or {})
     if not isinstance(spec, str):
         raise InputError(f"cannot load a model from {spec!r}: pass a registry name or (model, attack)")
-    from pathlib import Path
-
     from .. import load_lvlm
     from ..attacks import attack_from_dict
-    from ..models.loading import read_card
-    from ..models.registry import lookup
+    from ..models.registry import model_card
 
-    entry = lookup(spec)
-    card = entry.card if entry is not None else (read_card(Path(spec)) if Path(spec).is_dir() else None)
+    card = model_card(spec)
     if not card or not card.get("attack"):
         raise InputError(f"model {spec!r} has no attack in its card; pass (model, attack) instead")
     return load_lvlm(spec, device=device), attack_from_dict(card["attack"]), card

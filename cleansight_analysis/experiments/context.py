@@ -140,13 +140,9 @@ class FigureContext:
 
     @staticmethod
     def _card(spec: str) -> dict | None:
-        from ..models.loading import read_card
-        from ..models.registry import lookup
+        from ..models.registry import model_card
 
-        entry = lookup(spec)
-        if entry is not None:
-            return entry.card
-        return read_card(Path(spec)) if Path(spec).is_dir() else None
+        return model_card(spec)
 
     def load(self, attack: str) -> tuple[Any, Any, dict]:
         """``(model, attack object, card)`` for ``attack``; the last loaded model is kept, others freed."""
@@ -157,15 +153,15 @@ class FigureContext:
             self._loaded[attack] = resolve_model(self.model_spec(attack), self.device)
         return self._loaded[attack]
 
-    def clean_model(self) -> Any:
-        """The clean reference model of the family (``<family>/clean``), or None if it has none."""
-        from .. import load_lvlm
-        from ..models.registry import lookup
+    def attack_object(self, attack: str) -> Any:
+        """The :class:`~cleansight_analysis.attacks.Attack` in the card of ``attack``'s model (no model load)."""
+        from ..attacks import attack_from_dict
 
-        for spec in (f"{self.model}/clean", str(Path(self.model) / "clean")):
-            if lookup(spec) is not None or Path(spec).is_dir():
-                return load_lvlm(spec, device=self.device)
-        return None
+        spec = self.model_spec(attack)
+        card = self._card(spec)
+        if not card or not card.get("attack"):
+            raise InputError(f"model {spec!r} has no attack in its card")
+        return attack_from_dict(card["attack"])
 
     # ------------------------------------------------------------------ samples
     def samples(self, split: str = "test", n: int | None = None) -> list[Any]:

@@ -21,7 +21,6 @@ Tables (one row per observation, cached in ``ctx.results_dir``):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -165,16 +164,7 @@ def sweep_summary(sweep: "Any") -> "Any":
 
 def attack_of(ctx: Any, attack: str) -> Any:
     """The :class:`~cleansight_analysis.attacks.Attack` of ``attack``'s model, read from its card (no model load)."""
-    from ..attacks import attack_from_dict
-    from ..models.loading import read_card
-    from ..models.registry import lookup
-
-    spec = ctx.model_spec(attack)
-    entry = lookup(spec)
-    card = entry.card if entry is not None else (read_card(Path(spec)) if Path(spec).is_dir() else None)
-    if not card or not card.get("attack"):
-        raise InputError(f"model {spec!r} has no attack in its card")
-    return attack_from_dict(card["attack"])
+    return ctx.attack_object(attack)
 
 
 def thumbnail(image: Any, side: int = THUMBNAIL_SIDE) -> np.ndarray:

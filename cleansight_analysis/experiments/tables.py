@@ -125,13 +125,9 @@ def _count(value: Any, what: str, minimum: int = 1) -> int:
 
 def member_card(ctx: "FigureContext", member: str) -> dict[str, Any]:
     """The model card of family member ``member`` (read from disk; the model is not loaded)."""
-    from ..models.loading import read_card
-    from ..models.registry import lookup
+    from ..models.registry import model_card
 
-    spec = ctx.model_spec(member)
-    entry = lookup(spec)
-    card = entry.card if entry is not None else (read_card(Path(spec)) if Path(spec).is_dir() else None)
-    return dict(card or {})
+    return dict(model_card(ctx.model_spec(member)) or {})
 
 
 def family_members(ctx: "FigureContext", attack: str, suffixes: Sequence[str] = MEMBER_SUFFIXES) -> list[str]:

@@ -72,6 +72,16 @@ def lookup(name: str) -> RegisteredModel | None:
     return _REGISTRY.get(name)
 
 
+def model_card(spec: str) -> dict[str, Any] | None:
+    """The ``card.json`` of a registry name or a local model folder (read from disk, no model load), or None."""
+    from .loading import read_card
+
+    entry = lookup(spec)
+    if entry is not None:
+        return entry.card
+    return read_card(Path(spec)) if Path(spec).is_dir() else None
+
+
 def _register_defaults() -> None:
     from . import tiny
 
