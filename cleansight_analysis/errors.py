@@ -34,3 +34,19 @@ class DatasetError(CleanSightError):
 
 class AttackError(CleanSightError):
     """An attack name, preset or setting is unknown or unavailable (see ``cleansight_analysis.attacks``)."""
+
+
+class CalibrationError(CleanSightError):
+    """A saved calibration (CleanSight ``fit``) is malformed, out of range or fitted on another model."""
+
+
+class OutputExistsError(CleanSightError):
+    """An output folder or file already exists and the caller did not ask to overwrite or resume it."""
+
+
+class NumericalError(CleanSightError):
+    """A forward pass produced non-finite values (NaN / inf logits or attention rows); names the layer."""
+
+
+class CardError(ModelSourceError):
+    """A model card (``card.json``) is malformed, shadows a built-in name or has a cyclic ``base`` chain."""

@@ -1,4 +1,8 @@
-"""Provenance written next to every result table and benchmark: versions, git revision, settings."""
+"""Provenance written next to every result table and benchmark: versions, git revision, settings.
+
+Manifests hold no absolute paths of the machine that wrote them: a path inside the repository is stored
+relative to the repository root (:func:`portable`), so shipped result files read the same on every clone.
+"""
 
 from __future__ import annotations
 
@@ -39,8 +43,54 @@ def git_revision(path: str | Path | None = None) -> str | None:
         return None
 
 
+def repo_root() -> Path | None:
+    """The checkout this package runs from (the folder holding ``pyproject.toml``), or None when installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as stored in a result file: relative to the repository root when inside it (POSIX
+    separators), else unchanged."""
+    text = os.fspath(path)
+    root = repo_root()
+    if root is None or not os.path.isabs(text):
+        return text
+    for candidate in (Path(os.path.normpath(text)), Path(text).resolve()):
+        try:
+            return candidate.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return text
+
+
+def portable(value: Any) -> Any:
+    """``value`` (nested dicts / lists / strings) with every repository path made relative to the root.
+
+    A string starting with the absolute repository root (``/home/me/cleansight/data/x``), or holding it
+    after a ``NAME:`` prefix (``vqav2:/home/me/cleansight/data/vqav2``), loses the root prefix.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        return value
+    root = repo_root()
+    if root is None or str(root) not in value:
+        return value
+    if value.startswith(str(root)):
+        return portable_path(value)
+    prefix, sep, rest = value.partition(":")
+    if sep and rest.startswith(str(root)):
+        return f"{prefix}:{portable_path(rest)}"
+    return value
+
+
 def build_manifest(*, model: Any = None, settings: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    """A JSON-serialisable manifest: what ran, on what, with which versions."""
+    """A JSON-serialisable manifest: what ran, on what, with which versions (paths made :func:`portable`)."""
     import torch
 
     manifest: dict[str, Any] = {
@@ -58,7 +108,7 @@ def build_manifest(*, model: Any = None, settings: dict[str, Any] | None = None,
                              "n_layers": getattr(model, "n_layers", None), "n_heads": getattr(model, "n_heads", None),
                              "dtype": str(getattr(model, "dtype", ""))}
     manifest.update(extra)
-    return manifest
+    return portable(manifest)
 
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:

@@ -7,6 +7,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+class NotebookFailed(RuntimeError):
+    """A cell of a notebook raised: names the notebook, the cell, the error and the executed copy."""
+
+
+#: kernel option that keeps ipykernel's log (warnings, shutdown notes) off the terminal
+KERNEL_QUIET = "--IPKernelApp.log_level=CRITICAL"
+
+
 def find_notebooks(notebook_dir: str | Path, only: Iterable[str] | None = None) -> list[Path]:
     """Notebooks in ``notebook_dir`` (sorted by name), optionally those whose name contains one of ``only``."""
     paths = sorted(p for p in Path(notebook_dir).glob("*.ipynb") if not p.name.startswith("."))
@@ -20,9 +28,18 @@ def _execute(path: str, out: str, parameters: dict[str, Any], cwd: str) -> dict[
     """Execute one notebook with papermill; a top-level function so worker processes can run it."""
     import papermill as pm
 
+    from papermill.exceptions import PapermillExecutionError
+
     start = time.perf_counter()
-    pm.execute_notebook(path, out, parameters=parameters, kernel_name="python3", cwd=cwd, progress_bar=False,
-                        log_output=False)
+    # The kernel's own log (a TCP-transport warning at start, a KeyboardInterrupt note when papermill
+    # stops it) is noise here; a failing cell still raises PapermillExecutionError with its traceback.
+    try:
+        pm.execute_notebook(path, out, parameters=parameters, kernel_name="python3", cwd=cwd, progress_bar=False,
+                            log_output=False, extra_arguments=[KERNEL_QUIET])
+    except PapermillExecutionError as exc:
+        last = (exc.evalue or "").strip().splitlines()
+        raise NotebookFailed(f"{Path(path).name} failed in cell {exc.exec_count}: {exc.ename}: "
+                             f"{last[-1] if last else ''} (executed notebook with the traceback: {out})") from None
     return {"notebook": Path(path).name, "seconds": round(time.perf_counter() - start, 2), "output": out}
 
 

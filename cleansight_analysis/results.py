@@ -3,19 +3,28 @@
 ``save_table(df, "runs/badnet", "stealing", model=model, settings=...)`` writes
 ``runs/badnet/stealing.parquet`` (or ``.csv`` when pyarrow is not installed, or when asked) and
 ``runs/badnet/stealing.manifest.json`` (model, attack, seed, settings, package versions, git revision,
-machine). Plotting code reads tables back with :func:`load_table` and never recomputes.
+machine, and the table's row count and ``table_sha256``). Plotting code reads tables back with
+:func:`load_table` and never recomputes.
+
+The pair is written as one unit: table and manifest go into a temporary folder next to them, then the
+old manifest is removed, the table moved into place and the manifest last. The manifest is the commit
+point: it holds the sha256 of the table's bytes, and :func:`verify_table` accepts a table only when a
+manifest next to it names it, matches its hash and its row count. A kill at any moment leaves either the
+old pair, a table without a manifest, or a table that does not match its manifest: never one that passes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .manifest import build_manifest, write_manifest
+from .manifest import build_manifest
 
 FORMATS = ("auto", "parquet", "csv")
 
@@ -49,19 +58,114 @@ def save_table(df: Any, out_dir: str | Path, name: str, *, fmt: str = "auto", mo
     path = table_path(out_dir, name, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     df = _flat_cells(df)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".parquet":
-        df.to_parquet(tmp, index=False)
-    else:
-        df.to_csv(tmp, index=False)
-    os.replace(tmp, path)   # atomic: notebooks running at once never read a half-written table
     if is_dataclass(settings) and not isinstance(settings, type):
         settings = asdict(settings)
     attack_info = attack.to_dict() if hasattr(attack, "to_dict") else attack
-    manifest = build_manifest(model=model, settings=settings, attack=attack_info, seed=seed, table=path.name,
-                              rows=int(len(df)), columns=[str(c) for c in df.columns], **extra)
-    write_manifest(Path(out_dir) / f"{name}.manifest.json", manifest)
+    mpath = manifest_path(path)
+    _remove_stale_staging(path.parent, name)
+    staging = path.parent / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        staged = staging / path.name
+        if path.suffix == ".parquet":
+            df.to_parquet(staged, index=False)
+        else:
+            df.to_csv(staged, index=False)
+        manifest = build_manifest(model=model, settings=settings, attack=attack_info, seed=seed, table=path.name,
+                                  rows=int(len(df)), columns=[str(c) for c in df.columns],
+                                  table_sha256=file_sha256(staged), **extra)
+        staged_manifest = staging / mpath.name
+        staged_manifest.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        # Commit: no manifest, then the new table, then its manifest (the commit point). A reader in between
+        # sees a table without a manifest, or one that does not match it; verify_table rejects both.
+        mpath.unlink(missing_ok=True)
+        os.replace(staged, path)
+        os.replace(staged_manifest, mpath)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _remove_stale_staging(folder: Path, name: str) -> None:
+    """Remove staging folders of ``name`` left by writers that were killed (their process is gone)."""
+    for stale in folder.glob(f".{name}.*.tmp"):
+        pid = stale.name[len(name) + 2:-len(".tmp")]
+        if not stale.is_dir() or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def manifest_path(table: str | Path) -> Path:
+    """The manifest next to a table (``stealing.parquet`` -> ``stealing.manifest.json``)."""
+    table = Path(table)
+    return table.with_name(f"{table.name.split('.')[0]}.manifest.json")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, as hex (what a manifest's ``table_sha256`` holds)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_table(path: str | Path) -> str | None:
+    """None when the table at ``path`` may be used, else why not, in one line naming the file.
+
+    The one rule for using a saved table: it exists and is not empty, a readable manifest sits next to it,
+    the manifest names this file, and the file's sha256 (and, for parquet, row count) equal the manifest's
+    ``table_sha256`` (and ``rows``). Catches a table whose write or manifest was cut short, a stale table
+    from another run, and edited values.
+    """
+    path = Path(path)
+    mpath = manifest_path(path)
+    if not path.is_file():
+        return f"table {path} is missing" + (f" (its manifest {mpath} is there)" if mpath.is_file() else "")
+    if not mpath.is_file():
+        return f"table {path} has no manifest (expected {mpath})"
+    try:
+        manifest = load_manifest(path)
+    except InputError as exc:
+        return str(exc)
+    named = manifest.get("table")
+    if named is not None and named != path.name:
+        return f"manifest {mpath} describes {named}, not {path.name}"
+    expected = manifest.get("table_sha256")
+    if not isinstance(expected, str):
+        return f"manifest {mpath} has no table_sha256 (written before tables were hashed)"
+    if path.stat().st_size == 0:
+        return f"table {path} is empty (0 bytes)"
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        return f"table {path} is unreadable ({exc.strerror or exc})"
+    if actual != expected:
+        return f"table {path} does not match its manifest (sha256 differs)"
+    rows = manifest.get("rows")
+    if path.suffix == ".parquet" and isinstance(rows, int):
+        try:
+            import pyarrow.parquet as pq
+
+            found = pq.read_metadata(path).num_rows
+        except ImportError:
+            found = rows
+        except Exception as exc:  # noqa: BLE001 - any reader failure means: do not use it
+            return f"table {path} is unreadable ({_first_line(exc)})"
+        if found != rows:
+            return f"table {path} has {found} rows, its manifest says {rows}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _flat_cells(df: Any) -> Any:
@@ -104,17 +208,33 @@ def load_table(path: str | Path) -> Any:
         path = found[0]
     if not path.is_file():
         raise InputError(f"no table at {path}")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix == ".csv":
-        return pd.read_csv(path)
-    raise InputError(f"unknown table format {path.suffix!r} (expected .parquet or .csv)")
+    if path.suffix not in (".parquet", ".csv"):
+        raise InputError(f"unknown table format {path.suffix!r} (expected .parquet or .csv)")
+    if path.stat().st_size == 0:
+        raise InputError(f"table {path} is empty (0 bytes)")
+    try:
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except ImportError as exc:
+        raise InputError(f"cannot read {path}: {exc} (pip install pyarrow)") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow / pandas raise many types for a damaged file
+        raise InputError(f"table {path} is unreadable, maybe truncated ({_first_line(exc)})") from None
 
 
 def load_manifest(table: str | Path) -> dict[str, Any]:
     """The manifest written next to a table (``stealing.csv`` -> ``stealing.manifest.json``)."""
     table = Path(table)
-    path = table.with_name(f"{table.name.split('.')[0]}.manifest.json")
+    path = manifest_path(table)
     if not path.is_file():
         raise InputError(f"no manifest next to {table} (expected {path})")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise InputError(f"manifest {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"manifest {path} is not valid JSON, maybe truncated ({exc.msg} at line {exc.lineno})") \
+            from None
+    except OSError as exc:
+        raise InputError(f"manifest {path} is unreadable ({exc.strerror or exc})") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"manifest {path} holds a JSON {type(manifest).__name__}, not an object")
+    return manifest

@@ -20,6 +20,7 @@ from cleansight_analysis.defenses.cleansight import (
 from cleansight_analysis.defenses.layers import fusion_onset_profile, select_detection_layers
 from cleansight_analysis.errors import InputError
 from conftest import noise_image
+from tolerances import sum_rtol
 
 PROMPTS = ["what color is it?", "shape?", "how many objects are in this picture?", "is it red?", "describe it"]
 
@@ -82,7 +83,8 @@ def test_whitened_distance_and_gamma_by_hand(llava, fitted):
     g = b.groups[0]
     text = torch.cat([g.prompt, g.template_tail])
     by_hand = rows[0, :, :, g.image].sum(-1) / (rows[0, :, :, text].sum(-1) + 1e-12)
-    np.testing.assert_allclose(x[0], by_hand.reshape(-1).numpy(), rtol=1e-6)
+    # same forward, other reductions: fit sums each group in float32, this in float64 -> 2 * K * u
+    np.testing.assert_allclose(x[0], by_hand.reshape(-1).numpy(), rtol=2 * sum_rtol(rows.shape[-1]))
 
     mu, sigma = x.mean(0), x.std(0)  # population std
     np.testing.assert_allclose(fitted.calibration.mu, mu, rtol=1e-10)

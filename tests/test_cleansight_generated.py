@@ -11,6 +11,7 @@ import torch
 from cleansight_analysis.defenses.cleansight import CleanSight, CleanSightConfig, stealing_ratio, whitened_distance
 from cleansight_analysis.errors import InputError
 from test_cleansight import _batch, _samples
+from tolerances import distance_atol, ratio_rtol
 
 LAYERS = [1, 2]
 N_TOK = 4
@@ -62,11 +63,16 @@ def test_fit_pools_steps_and_thresholds_the_per_sample_maximum(llava, gen_fitted
     x = torch.cat(feats).numpy()
     flat = x.reshape(-1, x.shape[-1])
     cal = gen_fitted.calibration
-    np.testing.assert_allclose(cal.mu, flat.mean(0), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(cal.sigma, flat.std(0), rtol=1e-3, atol=1e-6)
+    # the features come from two float32 forwards (fit's batches vs these): each ratio carries
+    # ratio_rtol(); a mean of positives keeps that relative bound, a std moves by at most rtol * rms(x)
+    rtol = ratio_rtol()
+    np.testing.assert_allclose(cal.mu, flat.mean(0), rtol=rtol, atol=0)
+    assert np.all(np.abs(cal.sigma - flat.std(0)) <= rtol * np.sqrt((flat ** 2).mean(0)))
     per_sample = whitened_distance(flat, cal.mu, cal.sigma, 1e-8).reshape(10, N_TOK).max(1)
-    np.testing.assert_allclose(cal.clean_distances, per_sample, rtol=1e-6)
-    assert cal.gamma == pytest.approx(float(np.quantile(per_sample, 0.99)))
+    # the max over steps moves by at most the largest per-step bound of that sample
+    bound = distance_atol(flat, cal.sigma, rtol).reshape(10, N_TOK).max(1)
+    assert np.all(np.abs(cal.clean_distances - per_sample) <= bound), (cal.clean_distances, per_sample, bound)
+    assert cal.gamma == pytest.approx(float(np.quantile(cal.clean_distances, 0.99)), rel=1e-12)  # same numbers
     assert cal.extra["feature_rows"] == 10 * N_TOK
 
 
@@ -100,8 +106,10 @@ def test_flag_mid_answer_masks_from_that_step_only(llava, gen_fitted):
             assert set(out.pruned[j].tolist()) <= set(batch.groups[j].image.tolist())
     assert out.flags[i]
     # scores: each sample's largest distance over its steps (the defended run differs only after a flag)
-    assert float(out.scores[i]) >= dist[i, :int(flag_step[i]) + 1].max() - 1e-6
-    np.testing.assert_allclose(d.score(llava, batch).numpy(), dist.max(1), rtol=1e-4)
+    step_bound = distance_atol(steps[i].numpy(), cal.sigma, ratio_rtol())      # [N_TOK], two forwards apart
+    assert float(out.scores[i]) >= (dist[i] - step_bound)[:int(flag_step[i]) + 1].max()
+    bound = np.stack([distance_atol(steps[:, s].numpy(), cal.sigma, ratio_rtol()) for s in range(N_TOK)], 1).max(1)
+    assert np.all(np.abs(d.score(llava, batch).numpy() - dist.max(1)) <= bound)
 
 
 def test_prefill_flag_behaves_like_last_query(llava, gen_fitted):

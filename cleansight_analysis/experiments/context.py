@@ -189,13 +189,19 @@ class FigureContext:
         """Load table ``name`` from ``results_dir`` if it was computed with the same parameters, else compute it.
 
         The cache key is ``params`` plus :meth:`settings` (model, attacks, sample count, seed, device, ...),
-        compared as JSON with the ``params`` stored in the table's manifest. ``compute()`` must return a
-        pandas DataFrame. Prints whether the table was reused or computed. ``shared=True`` keeps the table
+        compared as JSON with the ``params`` stored in the table's manifest (repository paths in it stored
+        relative to the repository root, so a clone elsewhere reuses the shipped tables). ``compute()`` must
+        return a pandas DataFrame. Prints whether the table was reused or computed. A cached table is used only
+        when :func:`~cleansight_analysis.results.verify_table` accepts it (a manifest next to it whose sha256
+        and row count match); anything else (missing, truncated, empty or edited table or manifest) is
+        reported in one line and recomputed. ``shared=True`` keeps the table
         in :attr:`shared_dir` instead, so every notebook asking for it with the same parameters reuses one
         copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first; notebooks running at
         the same time (``cleansight figures --jobs 2``) take turns on it (a file lock), so it is computed once.
         """
-        key = _jsonable({**self.settings(), **params})
+        from ..manifest import portable
+
+        key = portable(_jsonable({**self.settings(), **params}))
         out = self.shared_dir if shared else Path(self.results_dir)
         with _table_lock(out, name) if shared else contextlib.nullcontext():
             return self._cached(out, name, key, compute, model=model, attack=attack, params=params)
@@ -204,36 +210,63 @@ class FigureContext:
                 params: dict[str, Any]) -> Any:
         import time
 
-        from ..results import load_manifest, load_table, save_table
+        from ..results import save_table
 
         if not self.recompute:
-            for fmt in ("parquet", "csv"):
-                path = out / f"{name}.{fmt}"
-                if not path.is_file():
-                    continue
-                try:
-                    manifest = load_manifest(path)
-                except InputError:
-                    break
-                if manifest.get("params") == key and self._recompute_before is not None:
-                    from datetime import datetime
-
-                    created = manifest.get("created")
-                    if created is None or datetime.fromisoformat(created) < self._recompute_before:
-                        self.log(f"{name}: cached before this run started; recomputing")
-                        break
-                if manifest.get("params") == key:
-                    self.log(f"{name}: reusing cached results {path} (computed {manifest.get('created')}, "
-                             f"same parameters; set recompute=True to redo)")
-                    return load_table(path)
-                self.log(f"{name}: cached results in {path} have other parameters; recomputing")
-                break
+            table = self._reuse(out, name, key)
+            if table is not None:
+                return table
         start = time.perf_counter()
         table = compute()
         seconds = time.perf_counter() - start
         path = save_table(table, out, name, model=model, attack=attack, seed=self.seed, settings=params,
                           params=key, seconds=round(seconds, 1))
         self.log(f"{name}: computed in {seconds:.1f} s -> {path}")
+        return table
+
+    def _reuse(self, out: Path, name: str, key: Any) -> Any:
+        """The cached table ``name`` in ``out`` when it is valid and was made with ``key``, else None (after
+        logging one line that says why, unless nothing was cached)."""
+        from ..results import load_manifest, load_table, manifest_path, verify_table
+
+        candidates = [out / f"{name}.{fmt}" for fmt in ("parquet", "csv")]
+        mpath = manifest_path(candidates[0])
+        present = [p for p in candidates if p.is_file()]
+        if not present and not mpath.is_file():
+            return None                                       # nothing cached: a first run
+        path = present[0] if present else candidates[0]
+        try:                                                  # the table the manifest names, if it is there
+            named = out / str(load_manifest(path).get("table"))
+            if named in present:
+                path = named
+        except InputError:
+            pass                                              # verify_table reports it
+        reason = verify_table(path)
+        if reason is not None:
+            self.log(f"{name}: cached {reason}; recomputing")
+            return None
+        manifest = load_manifest(path)
+        if manifest.get("params") != key:
+            self.log(f"{name}: cached results in {path} have other parameters; recomputing")
+            return None
+        if self._recompute_before is not None:
+            from datetime import datetime
+
+            try:
+                created = datetime.fromisoformat(str(manifest.get("created")))
+                older = created < self._recompute_before
+            except (TypeError, ValueError):
+                older = True
+            if older:
+                self.log(f"{name}: cached before this run started; recomputing")
+                return None
+        try:
+            table = load_table(path)
+        except InputError as exc:
+            self.log(f"{name}: cached {exc}; recomputing")
+            return None
+        self.log(f"{name}: reusing cached results {path} (computed {manifest.get('created')}, "
+                 f"same parameters; set recompute=True to redo)")
         return table
 
     # ------------------------------------------------------------------ figures

@@ -23,10 +23,49 @@ def set_style() -> None:
 
 
 def save_figure(fig, path_stem: str | Path) -> list[Path]:
-    """Save ``fig`` as ``<path_stem>.png`` and ``<path_stem>.pdf``; returns both paths."""
+    """Save ``fig`` as ``<path_stem>.png`` and ``<path_stem>.pdf``; returns both paths.
+
+    A file whose drawing is unchanged is left as it is on disk, so re-running a notebook on unchanged
+    tables leaves the gallery (and ``git status``) untouched: PNGs are compared byte for byte, PDFs by
+    their content (:func:`pdf_content`), which ignores the sign of zero coordinates (``-0`` vs ``0``),
+    float noise that differs between CPUs (FMA / SIMD kernels) in matplotlib's transforms.
+    """
+    import io
+
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=p.suffix[1:], metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+        data = buffer.getvalue()
+        if p.is_file():
+            old = p.read_bytes()
+            if old == data or (p.suffix == ".pdf" and pdf_content(old) == pdf_content(data)):
+                continue
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(p)
     return paths
+
+
+def pdf_content(data: bytes) -> list[bytes]:
+    """The streams of a PDF (decompressed), with signed zeros written as zeros: what a reader draws.
+
+    Args:
+        data: the bytes of a PDF file written by matplotlib.
+    Returns:
+        one entry per stream (page contents, fonts, images), in file order.
+    """
+    import re
+    import zlib
+
+    out = []
+    for match in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, flags=re.S):
+        body = match.group(1)
+        try:
+            body = zlib.decompress(body)
+        except zlib.error:
+            pass
+        out.append(re.sub(rb"(?<![\d.])-(0(?:\.0*)?)(?![\d.])", rb"\1", body))
+    return out

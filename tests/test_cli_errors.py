@@ -1,0 +1,133 @@
+"""The command line's contract on bad input: one line on stderr, exit code 2; valid JSON; the model's own trigger."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from cleansight_analysis import cli
+from cleansight_analysis.plotting.style import pdf_content, save_figure
+
+
+def _run(argv, capsys):
+    """``cleansight ARGV`` in-process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse exits; main() returns for everything else
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("trigger:")]
+    assert len(lines) == 1, err
+    assert re.match(r"cleansight [a-z-]+( [a-z-]+)?: error: ", lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["analyze", "stealing", "--model", "tiny-llava/badnet", "--out", "OUT", "--layers", "1,x"],
+     "--layers: expected comma-separated integers"),
+    (["analyze", "perturb", "--model", "tiny-llava/badnet", "--out", "OUT", "--intensities", "abc"],
+     "--intensities: expected comma-separated numbers in [0, 1]"),
+    (["analyze", "perturb", "--model", "tiny-llava/badnet", "--out", "OUT", "--intensities", "0,2"],
+     "intensities lie in [0, 1]"),
+    (["analyze", "stealing", "--model", "tiny-llava/badnet", "--out", "FILE"], "is a file, not a folder"),
+    (["analyze", "stealing", "--model", "nope", "--out", "OUT"], "--model 'nope' is neither a registered model"),
+    (["figures", "--jobs", "0"], "--jobs: expected a positive integer, got '0'"),
+    (["figures", "--only", "zzz"], "no notebooks in"),
+    (["figures", "--model", "nope"], "--model 'nope' is neither a registered model, a family"),
+    (["eval-backdoor", "--model", "tiny-llava/badnet", "--n", "0"], "--n: expected a positive integer, got '0'"),
+    (["eval-backdoor", "--model", "tiny-llava/badnet", "--attack", "badnet", "--location", "1,b"],
+     "--location must be a corner name"),
+    (["eval-backdoor", "--model", "tiny-llava/badnet", "--attack", "nosuch"], "nosuch"),
+    (["eval-backdoor", "--model", "tiny-llava/badnet", "--json", "DIR"], "is a folder; give a file path"),
+    (["calibrate", "--model", "tiny-llava/badnet", "--out", "EXISTING"], "pass --overwrite"),
+    (["calibrate", "--model", "tiny-llava/badnet", "--quantile", "1.5", "--out", "OUT/c.json"],
+     "--quantile: expected a number in [0, 1]"),
+    (["backdoor", "--base", "tiny-llava/clean", "--attack", "badnet", "--poison-rate", "nan", "--out", "OUT"],
+     "expected a finite number"),
+    (["evaluate", "--model", "tiny-llava/badnet", "--defense", "st", "--calibration", "EXISTING"],
+     "use it with --defense cleansight"),
+    (["tables", "--out", "OUT", "--models", "badnet,,sig"], "expected comma-separated names"),
+    (["inspect", "--image", "no/such.png"], "does not exist"),
+])
+def test_bad_values_give_one_line_and_exit_code_2(argv, says, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "existing.json").write_text("{}")
+    subs = {"OUT": str(tmp_path / "out"), "FILE": str(tmp_path / "a_file"), "DIR": str(tmp_path),
+            "EXISTING": str(tmp_path / "existing.json"), "OUT/c.json": str(tmp_path / "out" / "c.json")}
+    code, _, err = _run([subs.get(a, a) for a in argv], capsys)
+    assert code == 2, err
+    assert says in _one_error_line(err)
+
+
+def test_json_output_is_strict_json_with_reasons_for_undefined_metrics():
+    text = cli._json_text({"asr": float("nan"), "clean_acc": 0.5, "by_type": {"count": float("inf")}, "n": 3})
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
+    assert record["asr"] is None and record["by_type"]["count"] is None and record["clean_acc"] == 0.5
+    assert set(record["undefined"]) == {"asr", "by_type.count"}
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_eval_backdoor_keeps_the_cards_trigger_and_says_which(tmp_path, capsys):
+    out = tmp_path / "deep" / "report.json"        # the folder is created
+    code, stdout, err = _run(["eval-backdoor", "--model", "tiny-llava/badnet", "--attack", "badnet",
+                              "--location", "top-left", "--n", "4", "--json", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert report["attack"]["size"] == 4            # the model's own 4 px patch, not the preset's 3 px
+    assert report["attack"]["location"] == "top-left"
+    assert "trigger:" in err and "from the model card, with location from the command line" in err
+    assert json.loads(stdout) == report
+
+
+def test_explicit_trigger_fields_override_the_card_one_by_one(capsys):
+    card = {"attack": {"name": "badnet", "size": 4, "location": "top-left", "pattern": "mean_noise",
+                       "pattern_seed": 42, "target": "t t t"}}
+    args = cli.build_parser().parse_args(["eval-backdoor", "--model", "m", "--size", "6"])
+    attack = cli._attack_from_args(args, card, announce=True)
+    assert (attack.size, attack.location, attack.target, attack.pattern_seed) == (6, "top-left", "t t t", 42)
+    assert "with size from the command line" in capsys.readouterr().err
+    other = cli.build_parser().parse_args(["eval-backdoor", "--model", "m", "--attack", "blended"])
+    assert cli._attack_from_args(other, card).name == "blended"   # another attack: its preset
+
+
+def test_models_list_prints_names_literally(monkeypatch, capsys):
+    from cleansight_analysis.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "[bold red]x[/]y", registry.RegisteredModel(
+        "[bold red]x[/]y", "", path=registry.MODELS_DIR, card={"name": "[bold red]x[/]y", "attack": {"name": "[/]"}}))
+    code, out, err = _run(["models", "list"], capsys)
+    assert code == 0, err
+    assert "[bold red]x[/]y" in out and "[/]" in out
+
+
+def test_pdf_with_signed_zero_noise_is_not_rewritten(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    png, pdf = save_figure(fig, tmp_path / "f")
+    # what another CPU may write: the same drawing with one coordinate as -0 (recompressed stream)
+    import zlib
+
+    data = pdf.read_bytes()
+    streams = list(re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, flags=re.S))
+    body = zlib.decompress(streams[0].group(1))
+    noisy_body = re.sub(rb"(?<![\d.])0 0 m", b"-0 0 m", body, count=1) if b"0 0 m" in body else b"-0 " + body
+    noisy = data[:streams[0].start(1)] + zlib.compress(noisy_body) + data[streams[0].end(1):]
+    assert pdf_content(noisy) == pdf_content(data) and noisy != data
+    pdf.write_bytes(noisy)
+    save_figure(fig, tmp_path / "f")
+    assert pdf.read_bytes() == noisy                  # same drawing: left as it was
+    ax.plot([0, 1], [1, 0])
+    save_figure(fig, tmp_path / "f")
+    assert pdf_content(pdf.read_bytes()) != pdf_content(noisy)   # a real change is written
+    plt.close(fig)

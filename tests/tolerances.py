@@ -1,0 +1,62 @@
+"""Float tolerances of the test suite, derived from float32 arithmetic, not from one CPU's output.
+
+Two float32 computations of one quantity agree bit for bit only when they run the same operations in
+the same order. Other CPUs (SSE / AVX2 / AVX-512 kernels of ATen, MKL and oneDNN), other batch shapes
+(padding changes a GEMM's blocking) and GPUs reorder the reductions. Reordering a sum of ``K`` terms
+changes it by at most ``K * u * sum(|terms|)`` (``u = 2**-24``, float32's unit roundoff), typically by
+``sqrt(K) * u``. The suite therefore uses three kinds of comparison:
+
+* **bit-exact** (``torch.equal``): the same computation, same process, same batch: a real promise
+  (a hook that edits nothing, a defense that flags nothing, a cache that returns what it stored);
+  and discrete outputs (token ids, masks, positions);
+* **one reduction apart** (:data:`F32_SUM_ATOL`): a quantity in ``[0, 1]`` (attention weights,
+  group masses) recomputed from the same float32 tensor by another reduction (a sum over at most
+  a few hundred keys);
+* **two forward passes apart** (:data:`F32_FORWARD_RTOL`): values read from two different float32
+  forwards of a tiny model (another batch composition, another code path: eager hooks vs
+  ``output_attentions``, batched vs single). Each forward of the tiny models chains at most 8 layers
+  of reductions of length ``K <= 1024``; the worst case per reduction is ``K * u ~ 6e-5``, the
+  typical compounded error over the layers about ``8 * sqrt(K) * u ~ 2e-5``; ``1e-4`` covers both
+  with room and is still 3-4 orders of magnitude below what a wrong query row, a shifted token
+  group or a missing mask changes.
+
+Derived quantities propagate these bounds explicitly (:func:`ratio_rtol`, :func:`distance_atol`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: float32 unit roundoff (half the machine epsilon).
+U32 = 2.0 ** -24
+
+#: values in [0, 1] (attention weights, masses) recomputed by another reduction over <= ~600 keys
+#: of the same float32 tensor: K * u with K = 600 is 3.6e-5; sums of probabilities that should be 1.
+F32_SUM_ATOL = 5e-5
+
+#: relative agreement of one value read from two different float32 forwards of a tiny model.
+F32_FORWARD_RTOL = 1e-4
+
+
+def sum_rtol(n_terms: int) -> float:
+    """Worst-case relative difference of two float32 sums of the same ``n_terms`` positive numbers taken
+    in different orders (or one in float64): ``n_terms * u``."""
+    return n_terms * U32
+
+
+def ratio_rtol(rtol: float = F32_FORWARD_RTOL) -> float:
+    """Relative error of ``a / b`` when ``a`` and ``b`` each carry relative error ``rtol``."""
+    return 2.0 * rtol + rtol * rtol
+
+
+def distance_atol(x: np.ndarray, sigma: np.ndarray, rtol: float, eps: float = 1e-8) -> np.ndarray:
+    """Per-row bound on ``|D(x') - D(x)|`` for ``D(x) = ||(x - mu) / (sigma + eps)||`` when ``x'`` differs
+    from ``x`` by relative error ``rtol`` elementwise (triangle inequality: ``||(x' - x) / sigma||``).
+
+    Args:
+        x: features ``[N, D]``; sigma: ``[D]``; rtol: relative error of each feature.
+    Returns:
+        ``[N]`` absolute tolerances.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return rtol * np.linalg.norm(np.abs(x) / (np.asarray(sigma, dtype=np.float64) + eps), axis=-1)
