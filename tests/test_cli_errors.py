@@ -131,3 +131,31 @@ def test_pdf_with_signed_zero_noise_is_not_rewritten(tmp_path):
     save_figure(fig, tmp_path / "f")
     assert pdf_content(pdf.read_bytes()) != pdf_content(noisy)   # a real change is written
     plt.close(fig)
+
+
+def _tiny_notebook(path, source):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    params = nbformat.v4.new_code_cell("x = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, str(path))
+
+
+def test_notebook_runs_are_quiet_and_a_failing_cell_is_one_line(tmp_path, capfd):
+    from cleansight_analysis.notebooks import NotebookFailed, _execute
+
+    _tiny_notebook(tmp_path / "ok.ipynb", "print(x + 1)")
+    _execute(str(tmp_path / "ok.ipynb"), str(tmp_path / "ok.out.ipynb"), {"x": 2}, str(tmp_path))
+    captured = capfd.readouterr()
+    noise = captured.out + captured.err
+    assert "without encryption" not in noise and "KeyboardInterrupt" not in noise, noise
+    _tiny_notebook(tmp_path / "bad.ipynb", "raise ValueError('table is broken')")
+    with pytest.raises(NotebookFailed) as err:
+        _execute(str(tmp_path / "bad.ipynb"), str(tmp_path / "bad.out.ipynb"), {}, str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message and "bad.ipynb failed in cell" in message
+    assert "ValueError: table is broken" in message and "bad.out.ipynb" in message

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import noise_image
+from tolerances import F32_FORWARD_RTOL
 from cleansight_analysis.attacks import get_attack, triggered_copy
 from cleansight_analysis.data.base import Sample
 from cleansight_analysis.errors import InputError, LayerIndexError
@@ -93,7 +94,8 @@ def test_head_means_are_masked_means_and_mean_ablation_inserts_them(llava):
     mask = batch.attention_mask.float()
     means = head_means(llava, samples, layers=[0, 2], batch_size=2)
     # one sample per batch: no padding, same token-weighted mean pooled over batches
-    assert torch.allclose(head_means(llava, samples, layers=[0, 2], batch_size=1), means, atol=1e-5, equal_nan=True)
+    assert torch.allclose(head_means(llava, samples, layers=[0, 2], batch_size=1), means, rtol=F32_FORWARD_RTOL,
+                          atol=F32_FORWARD_RTOL, equal_nan=True)  # two forwards apart
     assert means.shape == (llava.n_layers, llava.n_heads, llava.text_config.hidden_size // llava.n_heads)
     for layer in (0, 2):
         manual = torch.einsum("bt,bthd->hd", mask, store[layer][0]) / mask.sum()
@@ -253,7 +255,7 @@ def test_patch_heads_identities(llava):
     joint = frame[frame.layer == -1].iloc[0]
     assert set(frame.direction) == {"clean->triggered"}
     assert abs(joint.logprob_source - joint.logprob_unpatched) > 1e-3
-    assert abs(joint.logprob_target - joint.logprob_source) < 1e-5
+    assert abs(joint.logprob_target - joint.logprob_source) < F32_FORWARD_RTOL * max(1.0, abs(joint.logprob_source))
     assert abs(joint.restored - 1.0) < 1e-3
     single = frame[frame.layer >= 0]
     assert (single.delta - (single.logprob_target - single.logprob_unpatched)).abs().max() < 1e-9
@@ -263,7 +265,8 @@ def test_patch_heads_identities(llava):
     back = patch_heads(llava, trig, clean, target_token_id=tid, heads=[(2, 1)], direction="trig->clean",
                        progress=False)
     fwd_row = frame[(frame['layer'] == 2) & (frame['head'] == 1)].iloc[0]
-    assert back.iloc[0].logprob_unpatched == pytest.approx(fwd_row.logprob_source, abs=1e-6)
+    assert back.iloc[0].logprob_unpatched == pytest.approx(fwd_row.logprob_source, rel=F32_FORWARD_RTOL,
+                                                                    abs=F32_FORWARD_RTOL)
     assert back.iloc[0].target_token_id == tid and back.iloc[0].direction == "trig->clean"
 
 
@@ -302,7 +305,8 @@ def test_patch_one_head_matches_hf_o_proj_input_swap(llava, llava_ref):
         h.remove()
     tid = first_answer_token(llava, clean[0].prompt, attack.target)
     expected = logits.log_softmax(-1)[:, tid]
-    assert torch.allclose(torch.tensor(frame.logprob_target.values, dtype=torch.float32), expected, atol=1e-5)
+    assert torch.allclose(torch.tensor(frame.logprob_target.values, dtype=torch.float32), expected, rtol=F32_FORWARD_RTOL,
+                          atol=F32_FORWARD_RTOL)
 
 
 def test_patch_heads_rejects_misaligned_pairs(llava):
@@ -359,8 +363,8 @@ def test_logit_lens_frame(llava):
                               logits_to_keep=1)[:, -1].softmax(-1)
         last = frame[(frame.condition == name) & (frame.layer == llava.n_layers - 1)].sort_values("sample")
         for i, s in enumerate(items):
-            assert last.p_correct.iloc[i] == pytest.approx(float(probs[i, vocab[s.answer]]), abs=1e-6)
-            assert last.p_target.iloc[i] == pytest.approx(float(probs[i, vocab["you"]]), abs=1e-6)
+            assert last.p_correct.iloc[i] == pytest.approx(float(probs[i, vocab[s.answer]]), abs=F32_FORWARD_RTOL)
+            assert last.p_target.iloc[i] == pytest.approx(float(probs[i, vocab["you"]]), abs=F32_FORWARD_RTOL)
     # the ablation in layer 2 cannot change layers 0-1 and must change layers 2-3
     a = frame[frame.condition == "triggered"].set_index(["sample", "layer"]).p_correct
     b = frame[frame.condition == conditions[2]].set_index(["sample", "layer"]).p_correct

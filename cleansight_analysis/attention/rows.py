@@ -61,6 +61,10 @@ class RowRecorder:
     def hooks(self) -> list[HookSpec]:
         return [(f"blocks.{layer}.attn.hook_pattern", self._hook(layer)) for layer in self.layers]
 
+    def nonfinite_layers(self) -> list[int]:
+        """Recorded layers whose rows hold NaN / inf (empty when every row is finite)."""
+        return [layer for layer in self.layers if any(not bool(torch.isfinite(r).all()) for r in self.calls[layer])]
+
     def stacked(self) -> torch.Tensor:
         """Full-sequence mode: ``[B, Q, L, H, K]``. Generation mode: ``[B, S, L, H, K_max]`` (zero-padded keys)."""
         if self.query_positions is not None:

@@ -91,6 +91,34 @@ def _normalise(images: Any, prompts: Any) -> tuple[list[list[Any]], list[str]]:
     return per_sample, list(prompts)
 
 
+def max_positions(config: Any) -> int | None:
+    """The language model's position limit (``text_config.max_position_embeddings``), or None if unset."""
+    text = getattr(config, "text_config", None) or config
+    limit = getattr(text, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_prompt_length(config: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        image_token_id: int) -> None:
+    """Raise :class:`InputError` when a prompt (text + image tokens, padded) exceeds the LM's positions.
+
+    Positions follow the padded sequence (left padding shifts every sample to the longest one's
+    length), so the padded length ``T`` is what must fit; it equals the longest sample's token count.
+    """
+    limit = max_positions(config)
+    seq_len = int(input_ids.shape[1])
+    if limit is None or seq_len <= limit:
+        return
+    lengths = attention_mask.sum(1)
+    i = int(lengths.argmax())
+    n = int(lengths[i])
+    n_img = int((input_ids[i][attention_mask[i].bool()] == image_token_id).sum())
+    raise InputError(
+        f"sample {i}: prompt is {n:,} tokens ({n_img:,} image + {n - n_img:,} text) but the model takes at most "
+        f"{limit:,} positions (text_config.max_position_embeddings); shorten the prompt or use fewer/smaller images"
+    )
+
+
 def prepare_batch(
     processor: Any,
     family: Any,
@@ -130,6 +158,7 @@ def prepare_batch(
         tokenizer.padding_side = old_side
         if added_pad:
             tokenizer.pad_token = None
+    check_prompt_length(config, enc["input_ids"], enc["attention_mask"], image_token_id)
     image_sizes = enc.get("image_sizes")
     layouts = family.image_layouts(config, enc["pixel_values"], image_sizes)
     groups, k = [], 0

@@ -41,6 +41,31 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
+def apply_chat_template(processor: Any, messages: list[dict[str, Any]], template: str, *,
+                        add_generation_prompt: bool) -> str:
+    """Render ``messages`` with the Jinja chat ``template`` (transformers' sandboxed environment), as text.
+
+    A template that is broken or tries to escape the sandboxed Jinja environment (e.g.
+    ``{{ ''.__class__.__mro__ }}``) raises :class:`~cleansight_analysis.errors.InputError` naming the
+    problem instead of jinja2's own exception; nothing outside the sandbox runs either way.
+    """
+    import jinja2
+
+    try:
+        text = processor.apply_chat_template(messages, chat_template=template,
+                                             add_generation_prompt=add_generation_prompt, tokenize=False)
+    except jinja2.exceptions.SecurityError as exc:
+        raise InputError(f"the chat template was refused by the Jinja sandbox (it tries to reach Python "
+                         f"internals): {exc}") from None
+    except jinja2.exceptions.TemplateError as exc:
+        raise InputError(f"the chat template cannot be rendered: {type(exc).__name__}: {exc}") from None
+    if isinstance(text, list):  # some versions return one string per conversation
+        text = text[0]
+    if not isinstance(text, str):
+        raise InputError(f"the chat template rendered {type(text).__name__}, not text")
+    return text
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
     """A prompt as the model will read it (before image-token expansion).
@@ -103,11 +128,7 @@ def render_prompt(
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
     messages.append({"role": "user", "content": content})
     template = getattr(processor, "chat_template", None) or LLAVA_CHAT_TEMPLATE
-    text = processor.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=False
-    )
-    if isinstance(text, list):  # some versions return one string per conversation
-        text = text[0]
+    text = apply_chat_template(processor, messages, template, add_generation_prompt=True)
     if text.count(image_token) != n_images:
         raise InputError(
             f"the chat template produced {text.count(image_token)} image placeholder(s) for {n_images} image(s)"

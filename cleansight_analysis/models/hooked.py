@@ -12,13 +12,13 @@ from __future__ import annotations
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
 
 import torch
 
 from ..attention.rows import AttentionRows, HookSpec, RowRecorder, StopForward
-from ..errors import InputError, LayerIndexError
-from ..inputs.batch import Batch, prepare_batch
+from ..errors import InputError, LayerIndexError, NumericalError
+from ..inputs.batch import Batch, check_prompt_length, max_positions, prepare_batch
 from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from .families import ModelFamily
 
@@ -162,7 +162,61 @@ class HookedLVLM:
 
     def _inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         self._check_batch(batch)
+        check_prompt_length(self.config, batch.input_ids, batch.attention_mask, self.image_token_id)
         return batch.to(self.device, self.dtype).model_inputs()
+
+    # ------------------------------------------------------------------ numerical guards
+    @staticmethod
+    def _nonfinite_real(values: torch.Tensor, real: torch.Tensor) -> bool:
+        """True when ``values`` (``[B, T', ...]``, the last ``T'`` positions) is non-finite at a real token."""
+        bad = ~torch.isfinite(values.flatten(2).sum(-1, dtype=torch.float32) if values.dim() > 2 else values)
+        return bool((bad & real[:, -bad.shape[1]:].to(bad.device)).any())
+
+    def _check_logits(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], hooks: Sequence[HookSpec],
+                      what: str = "logits") -> None:
+        """Raise :class:`NumericalError` when ``logits`` ``[B, T', V]`` is non-finite at a real token."""
+        mask = inputs["attention_mask"].bool()
+        if self._nonfinite_real(logits, mask):
+            self._raise_nonfinite(inputs, hooks, what)
+
+    def _raise_nonfinite(self, inputs: dict[str, torch.Tensor], hooks: Sequence[HookSpec], what: str) -> NoReturn:
+        """Re-run one forward pass with probes on every LM layer and raise :class:`NumericalError`
+        naming where NaN / inf first appears (only real tokens are looked at, never padding).
+
+        Runs only once something non-finite was already seen, so healthy passes pay nothing.
+        """
+        real = inputs["attention_mask"].bool()
+        found: list[str] = []
+
+        def probe(label: str, pattern: bool = False) -> Any:
+            def fn(x: Any, hook: Any) -> Any:
+                if torch.is_tensor(x) and x.is_floating_point():
+                    # pattern [B, H, Q, K] -> the row of each query; activations [B, T, D] -> each position
+                    if self._nonfinite_real(x.transpose(1, 2) if pattern else x, real):
+                        found.append(label)
+                        raise StopForward
+                return x
+            return fn
+
+        probes: list[HookSpec] = [("blocks.0.hook_in", probe(
+            "the input embeddings before layer 0 (token embeddings or image features from the vision tower "
+            "and projector)"))]
+        for layer in range(self.n_layers):
+            probes += [(self.hook_name(layer, "pattern"), probe(f"layer {layer} (attention rows)", pattern=True)),
+                       (f"blocks.{layer}.hook_out", probe(f"layer {layer} (residual output; its attention rows "
+                                                          "are finite)"))]
+        probes += [("ln_final.hook_out", probe(f"the final norm after layer {self.n_layers - 1}")),
+                   ("unembed.hook_out", probe("the unembedding (lm_head)"))]
+        try:
+            with self.hooks([*hooks, *probes]):
+                self.hf_model(**inputs, use_cache=False, logits_to_keep=1)
+        except StopForward:
+            pass
+        where = found[0] if found else "not reproduced by a diagnostic re-run of the full sequence"
+        raise NumericalError(
+            f"{what} are non-finite (NaN/inf); first non-finite: {where}. Check the weights (a corrupted or "
+            "overflowing checkpoint, a float16 overflow) and any hooks or edits applied"
+        )
 
     # ------------------------------------------------------------------ inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], *, chat_template: bool = True,
@@ -208,8 +262,10 @@ class HookedLVLM:
     @torch.no_grad()
     def forward(self, batch: Batch, *, hooks: Sequence[HookSpec] = (), logits_to_keep: int = 0) -> torch.Tensor:
         """Logits ``[B, T, V]`` (or ``[B, logits_to_keep, V]``) with ``hooks`` active."""
+        inputs = self._inputs(batch)
         with self.hooks(hooks):
-            out = self.hf_model(**self._inputs(batch), use_cache=False, logits_to_keep=logits_to_keep)
+            out = self.hf_model(**inputs, use_cache=False, logits_to_keep=logits_to_keep)
+        self._check_logits(out.logits, inputs, hooks)
         return out.logits
 
     def _query_positions(self, batch: Batch, query: Any) -> torch.Tensor:
@@ -264,12 +320,15 @@ class HookedLVLM:
             return gen.rows
         qpos = self._query_positions(batch, query)
         recorder = RowRecorder(layer_list, qpos, dtype=dtype, stop_after=early_exit)
+        inputs = self._inputs(batch)
         try:
             with self.hooks([*hooks, *recorder.hooks()]):
-                self.hf_model(**self._inputs(batch), use_cache=False, logits_to_keep=1)
+                self.hf_model(**inputs, use_cache=False, logits_to_keep=1)
         except StopForward:
             pass
         values = recorder.stacked()  # [B, Q, L, H, K]
+        if recorder.nonfinite_layers():  # query positions are real tokens (checked above), never padding
+            self._raise_nonfinite(inputs, hooks, f"attention rows of layer(s) {recorder.nonfinite_layers()}")
         if isinstance(query, str) or torch.as_tensor(query).dim() == 0:
             values, qpos = values[:, 0], qpos[:, 0]
         return AttentionRows(values, tuple(layer_list), qpos, list(batch.groups),
@@ -298,6 +357,13 @@ class HookedLVLM:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if batch.padding_side != "left" and not bool(batch.attention_mask[:, -1].all()):
             raise InputError("generation needs left padding: prepare(..., padding_side='left')")
+        limit = max_positions(self.config)
+        if limit is not None and batch.seq_len + max_new_tokens > limit:
+            raise InputError(
+                f"prompt of {batch.seq_len:,} positions + max_new_tokens={max_new_tokens:,} needs "
+                f"{batch.seq_len + max_new_tokens:,} positions but the model takes at most {limit:,} "
+                f"(text_config.max_position_embeddings); use max_new_tokens <= {max(limit - batch.seq_len, 0):,}"
+            )
         from transformers import GenerationConfig
 
         tok = self.tokenizer
@@ -306,13 +372,26 @@ class HookedLVLM:
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   eos_token_id=eos, pad_token_id=pad, bos_token_id=tok.bos_token_id)
         recorder = None
-        all_hooks = list(hooks)
+        bad: list[torch.Tensor] = []  # per-step [B] flags, kept on the device (no sync while decoding)
+
+        def watch_logits(logits: torch.Tensor, hook: Any) -> torch.Tensor:
+            last = logits[:, -1]  # the position decoded from: a real token (left padding)
+            bad.append(~torch.isfinite(last.sum(-1, dtype=torch.float32)))
+            return logits
+
+        all_hooks = [*hooks, ("unembed.hook_out", watch_logits)]
         if record_rows is not False:
             layer_list = self.check_layers(None if record_rows is True else record_rows)
             recorder = RowRecorder(layer_list, None, dtype=rows_dtype)
             all_hooks += recorder.hooks()
+        inputs = self._inputs(batch)
         with self.hooks(all_hooks):
-            sequences = self.hf_model.generate(**self._inputs(batch), generation_config=config, use_cache=True)
+            sequences = self.hf_model.generate(**inputs, generation_config=config, use_cache=True)
+        if bad and bool(torch.stack(bad).any()):
+            # re-run the prompt and the tokens decoded so far in one pass to find the first bad layer
+            full = dict(inputs, input_ids=sequences, attention_mask=torch.cat(
+                [inputs["attention_mask"], torch.ones_like(sequences[:, batch.seq_len:])], 1))
+            self._raise_nonfinite(full, hooks, "logits during generation")
         sequences = sequences.cpu()
         new = sequences[:, batch.seq_len:]
         if eos is not None:

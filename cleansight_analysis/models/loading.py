@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -13,7 +13,9 @@ from ..errors import ModelSourceError
 from .compat import install_kv_cache_shim
 from .families import architecture_of, family_for
 from .hooked import HookedLVLM
-from .registry import lookup, registered_models
+from .registry import (  # noqa: F401 - card helpers re-exported here
+    CARD_FILE, MAX_BASE_DEPTH, base_chain, is_delta_folder, lookup, read_card, registered_models, resolve_base,
+)
 
 #: File names accepted as weights; pickled ``*.bin`` / ``*.pt`` files are refused.
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -47,34 +49,196 @@ def _resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
 
 DELTA_FILE = "delta.safetensors"
 ADAPTER_DIR = "adapter"
-CARD_FILE = "card.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+INDEX_FILE = "model.safetensors.index.json"
+#: Config files whose ``auto_map`` would make transformers import code shipped in the folder.
+_CODE_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "feature_extractor_config.json", "image_processor_config.json")
+#: safetensors refuses headers above 100 MB; so do we, before reading one.
+_MAX_HEADER_BYTES = 100_000_000
 
 
-def read_card(folder: Path) -> dict[str, Any] | None:
-    """The folder's ``card.json`` (model card of the embedded models and backdoor outputs), if any."""
-    path = Path(folder) / CARD_FILE
-    if not path.is_file():
-        return None
+def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelSourceError(f"{str(path)!r} is not valid JSON ({exc})") from exc
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelSourceError(f"{str(path)!r} is not valid JSON ({type(exc).__name__}: {exc})") from None
 
 
-def is_delta_folder(folder: Path) -> bool:
-    """A delta folder stores only what a fine-tune changed, over a ``base`` named in its card."""
-    card = read_card(folder)
-    return bool(card and card.get("base")) and not (folder / "config.json").is_file()
+def _find_key(value: Any, key: str) -> bool:
+    if isinstance(value, dict):
+        return key in value or any(_find_key(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_find_key(v, key) for v in value)
+    return False
+
+
+def check_no_remote_code(folder: Path) -> None:
+    """Refuse a folder whose configs would make transformers run code shipped with it.
+
+    Checked before any transformers call (which would otherwise ask "run the custom code? [y/N]"
+    on stdin): no ``auto_map`` in any config file, and every ``model_type`` in ``config.json``
+    (including nested ``text_config`` / ``vision_config``) is one transformers implements itself.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    for name in _CODE_MAP_FILES:
+        path = folder / name
+        if path.is_file() and _find_key(_read_json(path), "auto_map"):
+            raise ModelSourceError(
+                f"{str(folder)!r}: {name} has an 'auto_map' entry (code shipped with the model); cleansight-analysis "
+                "never runs a model folder's own code (trust_remote_code=False)"
+            )
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{str(folder / 'config.json')!r} must hold a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str):
+        raise ModelSourceError(f"{str(folder)!r}: config.json has no 'model_type' (expected e.g. 'llava')")
+
+    def walk(cfg: dict[str, Any], where: str) -> None:
+        mt = cfg.get("model_type")
+        if mt is not None and (not isinstance(mt, str) or mt not in CONFIG_MAPPING_NAMES):
+            raise ModelSourceError(
+                f"{str(folder)!r}: config.json {where}model_type {mt!r} is not a model type transformers implements "
+                "(custom code is never run; trust_remote_code=False)"
+            )
+        for key, sub in cfg.items():
+            if isinstance(sub, dict) and "model_type" in sub:
+                walk(sub, f"{where}{key}.")
+
+    walk(config, "")
+
+
+def check_safetensors(path: Path) -> None:
+    """Check a safetensors file's header without loading it; :class:`ModelSourceError` naming the file if bad.
+
+    The 8-byte header length, the JSON header and the file size against the tensors' data offsets
+    (a truncated copy fails here), then safetensors' own header validation.
+    """
+    label = repr(str(path))
+    if not path.is_file():
+        raise ModelSourceError(f"{label} does not exist")
+    size = path.stat().st_size
+    if size < 8:
+        raise ModelSourceError(
+            f"{label} is not a valid safetensors file: {size} bytes, shorter than its 8-byte header length")
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise ModelSourceError(
+                f"{label} is not a valid safetensors file (truncated or bad header): the header length field says "
+                f"{n} bytes but {size - 8} bytes follow it"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ModelSourceError(f"{label} is not a valid safetensors file: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ModelSourceError(f"{label} is not a valid safetensors file: its header is not a JSON object")
+    data_end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ModelSourceError(
+                f"{label} is not a valid safetensors file: tensor {key!r} has bad data_offsets {offsets!r}")
+        data_end = max(data_end, offsets[1])
+    expected = 8 + n + data_end
+    if expected != size:
+        raise ModelSourceError(
+            f"{label} is not a valid safetensors file ({'truncated' if size < expected else 'trailing bytes'}): "
+            f"its header describes {expected} bytes, the file has {size}"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as exc:  # SafetensorError is not importable from a stable place
+        raise ModelSourceError(f"{label} is not a valid safetensors file: {exc}") from None
+
+
+def _safe_relative(name: Any) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    parts = PurePosixPath(name).parts
+    return not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0]
+
+
+def check_weight_files(folder: Path) -> None:
+    """Validate every weight file transformers will open from ``folder``, without opening any pickle.
+
+    ``model.safetensors`` and every shard named by ``model.safetensors.index.json`` (which must end
+    in ``.safetensors``, stay inside the folder and exist) get :func:`check_safetensors`.
+    """
+    if (folder / "model.safetensors").is_file():
+        check_safetensors(folder / "model.safetensors")
+    index_path = folder / INDEX_FILE
+    if not index_path.is_file():
+        return
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelSourceError(f"{str(index_path)!r} has no 'weight_map' object naming the shards")
+    checked: set[str] = set()
+    for shard in weight_map.values():
+        if isinstance(shard, str) and shard in checked:
+            continue
+        if not isinstance(shard, str) or not shard.endswith(".safetensors"):
+            raise ModelSourceError(
+                f"{str(index_path)!r} names shard {shard!r}, which is not a .safetensors file; cleansight-analysis "
+                "loads safetensors only (pickled weights can run code) and opens nothing else"
+            )
+        if not _safe_relative(shard):
+            raise ModelSourceError(f"{str(index_path)!r} names shard {shard!r} outside the model folder")
+        if not (folder / shard).is_file():
+            raise ModelSourceError(f"{str(index_path)!r} names shard {shard!r}, which is missing from {str(folder)!r}")
+        check_safetensors(folder / shard)
+        checked.add(shard)
+
+
+def check_adapter_folder(adapter: Path) -> None:
+    """A peft adapter folder: ``adapter_config.json`` (LoRA-style, no module imports) and safetensors weights."""
+    weights = adapter / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = sorted(p.name for p in adapter.iterdir() if p.suffix in _PICKLE_SUFFIXES) if adapter.is_dir() else []
+        extra = f" (found pickled {', '.join(pickled)}, refused: pickle can run code)" if pickled else ""
+        raise ModelSourceError(f"{str(adapter)!r} has no {ADAPTER_WEIGHTS}{extra}; adapters load from safetensors only")
+    config_path = adapter / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise ModelSourceError(f"{str(adapter)!r} has no {ADAPTER_CONFIG}")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{str(config_path)!r} must hold a JSON object")
+    if config.get("megatron_config"):
+        raise ModelSourceError(
+            f"{str(config_path)!r} sets 'megatron_config' (peft would import the module it names); refused")
+    check_safetensors(weights)
 
 
 def check_model_folder(folder: Path) -> None:
-    """Raise a clear error unless ``folder`` holds a config and safetensors weights (or is a delta folder)."""
+    """Raise a clear error unless ``folder`` holds a config and safetensors weights (or is a delta folder).
+
+    Everything transformers / peft would open is checked here first: no code shipped with the folder
+    is ever run, no pickled file is ever opened, and truncated safetensors are named.
+    """
     if is_delta_folder(folder):
-        if not (folder / DELTA_FILE).is_file() and not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        base_chain(folder)  # loops and over-long chains fail here, not as a RecursionError
+        has_delta, has_adapter = (folder / DELTA_FILE).is_file(), (folder / ADAPTER_DIR).is_dir()
+        if not has_delta and not has_adapter:
             raise ModelSourceError(f"{str(folder)!r} is a delta folder without {DELTA_FILE} or an adapter")
+        if has_delta:
+            check_safetensors(folder / DELTA_FILE)
+        if has_adapter:
+            check_adapter_folder(folder / ADAPTER_DIR)
         return
     if not (folder / "config.json").is_file():
         raise ModelSourceError(f"{str(folder)!r} has no config.json; it is not a saved Hugging Face model")
+    check_no_remote_code(folder)
     if not any((folder / name).is_file() for name in SAFE_WEIGHT_FILES):
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickled:
@@ -84,18 +248,7 @@ def check_model_folder(folder: Path) -> None:
                 "`model.save_pretrained(folder, safe_serialization=True)`."
             )
         raise ModelSourceError(f"{str(folder)!r} has no weights (expected one of {', '.join(SAFE_WEIGHT_FILES)})")
-
-
-def resolve_base(folder: Path, base: str) -> Path | str:
-    """A delta folder's base: a path relative to the folder, an absolute path, or a registry name."""
-    candidate = (folder / base).resolve()
-    if candidate.is_dir():
-        return candidate
-    if Path(base).is_dir():
-        return Path(base)
-    if lookup(base) is not None:
-        return base
-    raise ModelSourceError(f"{str(folder)!r}: base model {base!r} is neither a folder nor a registered model")
+    check_weight_files(folder)
 
 
 def apply_delta(model: Any, folder: Path) -> Any:
@@ -104,6 +257,7 @@ def apply_delta(model: Any, folder: Path) -> Any:
 
     delta_path = folder / DELTA_FILE
     if delta_path.is_file():
+        check_safetensors(delta_path)
         delta = load_file(str(delta_path))
         own = model.state_dict()
         unknown = sorted(k for k in delta if k not in own)
@@ -118,9 +272,12 @@ def apply_delta(model: Any, folder: Path) -> Any:
     if adapter.is_dir():
         from peft import PeftModel
 
-        if not (adapter / "adapter_model.safetensors").is_file():
-            raise ModelSourceError(f"{str(adapter)!r} has no adapter_model.safetensors (pickled adapters are refused)")
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+        check_adapter_folder(adapter)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, use_safetensors=True,
+                                              local_files_only=True, trust_remote_code=False).merge_and_unload()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ModelSourceError(f"{str(adapter)!r}: the peft adapter does not load: {exc}") from exc
     return model
 
 
@@ -165,19 +322,24 @@ def load_hf(source: Any, *, processor: Any = None, device: Any = None, dtype: An
 
 
 def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoProcessor
-
+    # Every check runs before transformers / peft see the folder: they never prompt on stdin, never
+    # run code shipped with the model and never open a pickle (trust_remote_code=False regardless).
     check_model_folder(folder)
     if is_delta_folder(folder):
         base = resolve_base(folder, read_card(folder)["base"])
         model, processor, _, _ = load_hf(base, device=device, dtype=dtype)
         return apply_delta(model, folder), processor
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    family = family_for(architecture_of(config))
-    model = family.hf_class().from_pretrained(folder, dtype=dtype, attn_implementation="eager",
-                                              use_safetensors=True, local_files_only=True)
+    from transformers import AutoConfig, AutoProcessor
+
     try:
-        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelSourceError(f"{str(folder)!r}: config.json does not load: {exc}") from exc
+    family = family_for(architecture_of(config))
+    model = family.hf_class().from_pretrained(folder, config=config, dtype=dtype, attn_implementation="eager",
+                                              use_safetensors=True, local_files_only=True, trust_remote_code=False)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelSourceError(f"{str(folder)!r}: the processor (tokenizer + image processor) does not load: {exc}") from exc
     return model, processor

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import InputError
-from ..inputs.templates import LLAVA_CHAT_TEMPLATE
+from ..inputs.templates import LLAVA_CHAT_TEMPLATE, apply_chat_template
 
 IGNORE = -100
 
@@ -53,9 +53,7 @@ class ConversationEncoder:
             raise InputError("the tokenizer has no EOS token; pass add_eos=False")
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        text = self.processor.apply_chat_template(messages, chat_template=self.template,
-                                                  add_generation_prompt=generation_prompt, tokenize=False)
-        return text[0] if isinstance(text, list) else text
+        return apply_chat_template(self.processor, messages, self.template, add_generation_prompt=generation_prompt)
 
     def render(self, conversation: Sequence[tuple[str, str]], n_images: int = 1) -> tuple[str, list[tuple[int, int]]]:
         """Full text and the character span of every answer."""
