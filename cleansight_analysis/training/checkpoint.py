@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import InputError
+
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
 OPTIM = "optimizer.safetensors"
@@ -51,6 +53,12 @@ def load_checkpoint(folder: str | Path, named_params: dict[str, torch.nn.Paramet
     folder = Path(folder)
     state = json.loads((folder / STATE).read_text())
     weights = load_file(str(folder / WEIGHTS))
+    missing = sorted(set(named_params) - set(weights))
+    unexpected = sorted(set(weights) - set(named_params))
+    if missing or unexpected:  # e.g. a LoRA checkpoint resumed as projector-only training: not a bare KeyError
+        raise InputError(f"checkpoint {str(folder)!r} does not match the parameters being trained "
+                         f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+                         f"{unexpected[:2]}); it was written by another training setup")
     with torch.no_grad():
         for name, p in named_params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
@@ -73,3 +81,16 @@ def load_checkpoint(folder: str | Path, named_params: dict[str, torch.nn.Paramet
 
 def has_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / STATE).is_file()
+
+
+def checkpoint_info(folder: str | Path) -> tuple[int, dict[str, Any]]:
+    """``(step, meta)`` of a checkpoint, read from its JSON state only (no tensors loaded)."""
+    path = Path(folder) / STATE
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"checkpoint state {str(path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint state {str(path)!r} is not a JSON object")
+    meta = state.get("meta")
+    return int(state.get("step") or 0), (meta if isinstance(meta, dict) else {})

@@ -155,7 +155,7 @@ def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path,
     import shutil
 
     from ..attacks import get_attack
-    from .backdoor import BackdoorSettings, train_backdoor
+    from .backdoor import BackdoorSettings, resume_conflicts, train_backdoor
 
     root = family_root(out_root)
     folder = root / spec.name
@@ -174,13 +174,16 @@ def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path,
     card: dict[str, Any] = {}
     for mode in spec.modes:
         tmp = root / f".{spec.name}-{mode}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
         steps = spec.steps if mode == spec.modes[-1] else spec.trial_steps
         settings = BackdoorSettings(mode=mode, poison_rate=spec.poison_rate, steps=recipe.backdoor_steps or steps,
                                     lr=spec.lr.get(mode, 1e-3), seed=recipe.seed + spec.seed)
+        # an interrupted build resumes its checkpoint when every setting still matches (not with force);
+        # anything else left in the work folder (another recipe's checkpoint, a finished trial) is retrained
+        resume = not force and resume_conflicts(tmp, root / "clean", samples, attack, settings) == []
+        if tmp.exists() and not resume:
+            shutil.rmtree(tmp)
         card = train_backdoor(root / "clean", samples, attack, settings, tmp, name=f"{ROOT_NAME}/{spec.name}",
-                              progress=progress)
+                              progress=progress, resume=resume)
         final = mode == spec.modes[-1]
         metrics = evaluate_folder(tmp, recipe, attack, n=None if final else spec.trial_eval_n)
         met = (metrics["asr"] >= GOALS["asr_min"] and clean_acc - metrics["clean_acc"] <= GOALS["max_clean_drop"]
