@@ -36,7 +36,7 @@ class AttackError(CleanSightError):
     """An attack name, preset or setting is unknown or unavailable (see ``cleansight_analysis.attacks``)."""
 
 
-class CalibrationError(CleanSightError):
+class CalibrationError(InputError):
     """A saved calibration (CleanSight ``fit``) is malformed, out of range or fitted on another model."""
 
 

@@ -52,14 +52,22 @@ def _one_error_line(err: str) -> str:
      "expected a finite number"),
     (["evaluate", "--model", "tiny-llava/badnet", "--defense", "st", "--calibration", "EXISTING"],
      "use it with --defense cleansight"),
+    (["evaluate", "--model", "tiny-llava/badnet", "--calibration", "EXISTING"], "CleanSight.load"),
     (["tables", "--out", "OUT", "--models", "badnet,,sig"], "expected comma-separated names"),
+    (["backdoor", "--base", "tiny-llava/clean", "--attack", "badnet", "--n", "8", "--out", "NONEMPTY"],
+     "already exists and is not empty"),
+    (["backdoor", "--base", "tiny-llava/clean", "--attack", "badnet", "--n", "8", "--out", "NONEMPTY",
+      "--resume"], "nothing to resume"),
     (["inspect", "--image", "no/such.png"], "does not exist"),
 ])
 def test_bad_values_give_one_line_and_exit_code_2(argv, says, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "existing.json").write_text("{}")
+    (tmp_path / "nonempty").mkdir()
+    (tmp_path / "nonempty" / "card.json").write_text('{"name": "mine"}')
     subs = {"OUT": str(tmp_path / "out"), "FILE": str(tmp_path / "a_file"), "DIR": str(tmp_path),
-            "EXISTING": str(tmp_path / "existing.json"), "OUT/c.json": str(tmp_path / "out" / "c.json")}
+            "EXISTING": str(tmp_path / "existing.json"), "OUT/c.json": str(tmp_path / "out" / "c.json"),
+            "NONEMPTY": str(tmp_path / "nonempty")}
     code, _, err = _run([subs.get(a, a) for a in argv], capsys)
     assert code == 2, err
     assert says in _one_error_line(err)

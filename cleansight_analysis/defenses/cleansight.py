@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -43,7 +44,7 @@ import torch
 
 from ..attention.rows import HookSpec, StopForward
 from ..attention.stealing import TEXT_GROUPS, TEXT_KEYS
-from ..errors import InputError
+from ..errors import CalibrationError, InputError
 from .base import Defense, DefenseOutput
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,7 +58,7 @@ MASK_SCOPES: tuple[str, ...] = ("reference", "from_detection", "prefill_only", "
 QUERIES: tuple[str, ...] = ("last", "generated")
 #: Format tag and version of saved calibration files.
 FILE_FORMAT = "cleansight-calibration"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: calibration.model carries the weights fingerprint
 
 
 def _is_int(x: Any) -> bool:
@@ -210,7 +211,8 @@ class Calibration:
     """What ``fit`` learns (all saved by :meth:`CleanSight.save`).
 
     Attributes:
-        model: ``{"name", "n_layers", "n_heads"}`` of the calibrated model.
+        model: ``{"name", "n_layers", "n_heads", "fingerprint"}`` of the calibrated model (``fingerprint``:
+            :func:`~cleansight_analysis.models.fingerprint.weights_fingerprint` of its weights at ``fit``).
         layers: the detection layers (ascending); ``layers[-1]`` is ``l_e``.
         mu, sigma: ``[D]`` per-dimension mean and population std of the clean features (float64).
         gamma: the detection threshold (``quantile`` of ``clean_distances``).
@@ -241,15 +243,197 @@ class Calibration:
                 "n_samples": self.n_samples, "layer_source": self.layer_source, "extra": dict(self.extra)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Calibration":
-        try:
-            return cls(model=dict(d["model"]), layers=[int(x) for x in d["layers"]],
-                       mu=np.asarray(d["mu"], dtype=np.float64), sigma=np.asarray(d["sigma"], dtype=np.float64),
-                       gamma=float(d["gamma"]), tau=float(d["tau"]), tau_source=str(d["tau_source"]),
-                       clean_distances=np.asarray(d["clean_distances"], dtype=np.float64),
-                       layer_source=str(d.get("layer_source", "given")), extra=dict(d.get("extra") or {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(f"calibration record is incomplete or malformed: {exc!r}") from None
+    def from_dict(cls, d: Any, *, where: str = "Calibration.from_dict", key: str = "calibration") -> "Calibration":
+        """Validate and read the ``calibration`` section of a file (see :func:`_check_calibration`).
+
+        Raises:
+            CalibrationError: one line naming ``where``, the key, the bad value and what is accepted.
+        """
+        return _check_calibration(d, where, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration file schema (every check raises CalibrationError, an InputError, with one line)
+# ---------------------------------------------------------------------------------------------
+
+
+#: Keys of the ``calibration`` section that must be present (``n_samples``, ``layer_source``, ``extra`` may be absent).
+CALIBRATION_KEYS: tuple[str, ...] = ("model", "layers", "mu", "sigma", "gamma", "tau", "tau_source", "clean_distances")
+#: Keys of the model identity (``calibration.model``).
+MODEL_KEYS: tuple[str, ...] = ("name", "n_layers", "n_heads", "fingerprint")
+#: Keys of the file's top level that must be present (``model``: name/n_layers/n_heads, and ``layers`` are copies
+#: that must agree with the calibration's if present).
+FILE_KEYS: tuple[str, ...] = ("format", "version", "config", "calibration")
+TAU_SOURCES: tuple[str, ...] = ("fixed", "auto")
+_RECALIBRATE = "recalibrate: CleanSight(...).fit(model, clean_samples).save(path)"
+
+
+def _fail(where: str, msg: str) -> CalibrationError:
+    return CalibrationError(" ".join(f"{where}: {msg}".split()))  # always one line
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _need(d: dict, keys: Sequence[str], where: str, prefix: str) -> None:
+    for k in keys:
+        if k not in d:
+            raise _fail(where, f"missing key '{prefix}{k}' (a file written by save() has it; {_RECALIBRATE})")
+
+
+def _mapping(v: Any, where: str, key: str) -> dict:
+    if not isinstance(v, dict):
+        raise _fail(where, f"{key}={_show(v)} must be a mapping (an object of keys)")
+    return v
+
+
+def _int(v: Any, where: str, key: str, lo: int) -> int:
+    if not _is_int(v) or v < lo:
+        raise _fail(where, f"{key}={_show(v)} must be an int >= {lo}")
+    return int(v)
+
+
+def _number(v: Any, where: str, key: str, accepted: str, ok: Any) -> float:
+    """A finite real number (not a bool) with ``ok(float(v))`` true."""
+    if not _is_real(v) or not ok(float(v)):
+        extra = " (NaN and Infinity are not accepted)" if isinstance(v, float) and not math.isfinite(v) else ""
+        raise _fail(where, f"{key}={_show(v)} is not accepted: must be {accepted}{extra}")
+    return float(v)
+
+
+def _vector(v: Any, where: str, key: str, accepted: str, ok: Any) -> np.ndarray:
+    """A flat list of finite reals, each with ``ok(x)`` true, as float64."""
+    if not isinstance(v, (list, tuple)):
+        raise _fail(where, f"{key} must be a list of numbers, got {type(v).__name__} {_show(v)}")
+    for i, x in enumerate(v):
+        if not _is_real(x) or not ok(float(x)):
+            extra = " (NaN and Infinity are not accepted)" if isinstance(x, float) and not math.isfinite(x) else ""
+            raise _fail(where, f"{key}[{i}]={_show(x)} is not accepted: every entry must be {accepted}{extra}")
+    return np.asarray([float(x) for x in v], dtype=np.float64)
+
+
+def _check_identity(m: Any, where: str, key: str) -> dict[str, Any]:
+    m = _mapping(m, where, key)
+    _need(m, MODEL_KEYS[:3], where, f"{key}.")
+    if "fingerprint" not in m:
+        raise _fail(where, f"missing key '{key}.fingerprint': the file has no fingerprint of the model weights "
+                    f"(written before fingerprints, or edited), so it cannot be bound to a model; {_RECALIBRATE}")
+    from ..models.fingerprint import ALGORITHM
+
+    name, fp = m["name"], m["fingerprint"]
+    if not isinstance(name, str) or not name:
+        raise _fail(where, f"{key}.name={_show(name)} must be a non-empty string (the model's source)")
+    if not isinstance(fp, str) or not re.fullmatch(rf"{re.escape(ALGORITHM)}:[0-9a-f]{{64}}", fp):
+        raise _fail(where, f"{key}.fingerprint={_show(fp)} must be '{ALGORITHM}:' + 64 hex digits "
+                    f"(from weights_fingerprint); {_RECALIBRATE}")
+    out = {"name": name, "n_layers": _int(m["n_layers"], where, f"{key}.n_layers", 1),
+           "n_heads": _int(m["n_heads"], where, f"{key}.n_heads", 1), "fingerprint": fp}
+    unknown = sorted(set(m) - set(MODEL_KEYS))
+    if unknown:
+        raise _fail(where, f"{key} has unknown key(s) {unknown}; accepted: {list(MODEL_KEYS)}")
+    return out
+
+
+def _check_calibration(d: Any, where: str, key: str = "calibration") -> "Calibration":
+    """Every check of the ``calibration`` section; returns the :class:`Calibration`."""
+    d = _mapping(d, where, key)
+    _need(d, CALIBRATION_KEYS, where, f"{key}.")
+    model = _check_identity(d["model"], where, f"{key}.model")
+    n_layers, n_heads = model["n_layers"], model["n_heads"]
+    raw = d["layers"]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise _fail(where, f"{key}.layers={_show(raw)} must be a non-empty list of layer indices")
+    layers = []
+    for i, x in enumerate(raw):
+        if not _is_int(x) or not 0 <= x < n_layers:
+            raise _fail(where, f"{key}.layers[{i}]={_show(x)} is not accepted: layers must be ints in "
+                        f"[0, {n_layers - 1}] ({key}.model.n_layers={n_layers})")
+        if layers and x <= layers[-1]:
+            raise _fail(where, f"{key}.layers={_show(list(raw))} must be strictly ascending (unique; the last is "
+                        "l_e, where Omega is built)")
+        layers.append(int(x))
+    dim = len(layers) * n_heads
+    vecs = {}
+    for name, accepted, ok in (("mu", "a finite number", lambda x: True),
+                               ("sigma", "a finite number > 0 (a population std; 0 means a clean feature never "
+                                         "varied, so nearly every input would be flagged)", lambda x: x > 0)):
+        v = d[name]
+        if isinstance(v, (list, tuple)) and len(v) != dim:
+            raise _fail(where, f"{key}.{name} has {len(v)} values; expected len({key}.layers) x {key}.model.n_heads "
+                        f"= {len(layers)} x {n_heads} = {dim}")
+        vecs[name] = _vector(v, where, f"{key}.{name}", accepted, ok)
+    gamma = _number(d["gamma"], where, f"{key}.gamma",
+                    "a finite number >= 0 (the threshold on whitened distances, which are >= 0)", lambda x: x >= 0)
+    tau = _number(d["tau"], where, f"{key}.tau",
+                  "a number in (0, 1] (the threshold on an attention weight; >= 1 prunes nothing)",
+                  lambda x: 0.0 < x <= 1.0)
+    if d["tau_source"] not in TAU_SOURCES:
+        raise _fail(where, f"{key}.tau_source={_show(d['tau_source'])} must be one of {TAU_SOURCES}")
+    dist = _vector(d["clean_distances"], where, f"{key}.clean_distances", "a finite number >= 0", lambda x: x >= 0)
+    if len(dist) < 2:
+        raise _fail(where, f"{key}.clean_distances has {len(dist)} values; fit() needs at least 2 clean samples")
+    if "n_samples" in d and (not _is_int(d["n_samples"]) or d["n_samples"] != len(dist)):
+        raise _fail(where, f"{key}.n_samples={_show(d['n_samples'])} must equal len({key}.clean_distances) "
+                    f"= {len(dist)}")
+    layer_source = d.get("layer_source", "given")
+    if not isinstance(layer_source, str):
+        raise _fail(where, f"{key}.layer_source={_show(layer_source)} must be a string")
+    extra = d.get("extra") or {}
+    if not isinstance(extra, dict):
+        raise _fail(where, f"{key}.extra={_show(extra)} must be a mapping")
+    unknown = sorted(set(d) - set(CALIBRATION_KEYS) - {"n_samples", "layer_source", "extra"})
+    if unknown:
+        raise _fail(where, f"{key} has unknown key(s) {unknown}; accepted: "
+                    f"{[*CALIBRATION_KEYS, 'n_samples', 'layer_source', 'extra']}")
+    return Calibration(model=model, layers=layers, mu=vecs["mu"], sigma=vecs["sigma"], gamma=gamma, tau=tau,
+                       tau_source=d["tau_source"], clean_distances=dist, layer_source=layer_source, extra=dict(extra))
+
+
+def _check_record(record: Any, where: str) -> tuple["CleanSightConfig", "Calibration"]:
+    """Every check of a whole file record (format, version, config, calibration and their agreement)."""
+    if not isinstance(record, dict) or record.get("format") != FILE_FORMAT:
+        raise _fail(where, f"not a CleanSight calibration file (no 'format': '{FILE_FORMAT}' tag)")
+    version = record.get("version")
+    if version != FILE_VERSION:
+        why = (" (written before weight fingerprints)" if _is_int(version) and version < FILE_VERSION else "")
+        raise _fail(where, f"version={_show(version)} is not accepted: this code reads version {FILE_VERSION}{why}; "
+                    f"{_RECALIBRATE}")
+    _need(record, FILE_KEYS, where, "")
+    raw_cfg = _mapping(record["config"], where, "config")
+    known = [f.name for f in fields(CleanSightConfig)]
+    _need(raw_cfg, known, where, "config.")
+    try:
+        config = CleanSightConfig.from_dict(dict(raw_cfg))
+    except InputError as exc:
+        raise _fail(where, f"config: {exc}") from None
+    cal = _check_calibration(record["calibration"], where)
+    if config.layers != cal.layers:
+        raise _fail(where, f"config.layers={_show(config.layers)} disagrees with calibration.layers={cal.layers}")
+    if cal.tau_source == "auto" and config.tau != "auto":
+        raise _fail(where, f"calibration.tau_source='auto' but config.tau={_show(config.tau)}; they must agree")
+    if cal.tau_source == "fixed" and config.tau != cal.tau:
+        raise _fail(where, f"calibration.tau={cal.tau!r} (tau_source 'fixed') disagrees with "
+                    f"config.tau={_show(config.tau)}; they must be equal")
+    if "model" in record and record["model"] != {k: cal.model[k] for k in MODEL_KEYS[:3]}:
+        raise _fail(where, f"model={_show(record['model'])} disagrees with calibration.model "
+                    f"(name={cal.model['name']!r}, n_layers={cal.model['n_layers']}, n_heads={cal.model['n_heads']})")
+    if "layers" in record and record["layers"] != cal.layers:
+        raise _fail(where, f"layers={_show(record['layers'])} disagrees with calibration.layers={cal.layers}")
+    unknown = sorted(set(record) - set(FILE_KEYS) - {"model", "layers"})
+    if unknown:
+        raise _fail(where, f"unknown top-level key(s) {unknown}; accepted: {[*FILE_KEYS, 'model', 'layers']}")
+    return config, cal
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice in one object")
+        out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,18 +690,37 @@ class CleanSight(Defense):
         return self.calibration
 
     @staticmethod
-    def _identity(model: "HookedLVLM") -> dict[str, Any]:
-        return {"name": str(getattr(model, "name", "<unknown>")), "n_layers": int(model.n_layers),
-                "n_heads": int(model.n_heads)}
+    def _identity(model: "HookedLVLM", fingerprint: bool = True) -> dict[str, Any]:
+        out = {"name": str(getattr(model, "name", "<unknown>")), "n_layers": int(model.n_layers),
+               "n_heads": int(model.n_heads)}
+        if fingerprint:
+            from ..models.fingerprint import weights_fingerprint
 
-    def _check_model(self, model: "HookedLVLM", what: str) -> Calibration:
+            out["fingerprint"] = weights_fingerprint(model)
+        return out
+
+    def _check_model(self, model: "HookedLVLM", what: str, where: str | None = None) -> Calibration:
+        """Refuse a model other than the calibrated one: name and shape, then the weights fingerprint
+        (:func:`~cleansight_analysis.models.fingerprint.weights_fingerprint`, cached on the model)."""
         cal = self._cal(what)
-        ident = self._identity(model)
-        if ident != cal.model:
-            raise InputError(
-                f"CleanSight.{what}: calibrated on {cal.model['name']!r} ({cal.model['n_layers']} layers x "
-                f"{cal.model['n_heads']} heads), but got {ident['name']!r} ({ident['n_layers']} layers x "
-                f"{ident['n_heads']} heads); calibrate on this model with fit()")
+        where = where or f"CleanSight.{what}"
+        ident = self._identity(model, fingerprint=False)
+        if ident != {k: cal.model.get(k) for k in ("name", "n_layers", "n_heads")}:
+            raise _fail(where,
+                        f"calibrated on {cal.model.get('name')!r} ({cal.model.get('n_layers')} layers x "
+                        f"{cal.model.get('n_heads')} heads), but got {ident['name']!r} ({ident['n_layers']} layers x "
+                        f"{ident['n_heads']} heads); calibrate on this model with fit()")
+        from ..models.fingerprint import short, weights_fingerprint
+
+        stored = cal.model.get("fingerprint")
+        if stored is None:
+            raise _fail(where, f"calibration.model has no weights fingerprint, so it cannot be bound to "
+                        f"{ident['name']!r}; calibrate on this model with fit()")
+        actual = weights_fingerprint(model)
+        if actual != stored:
+            raise _fail(where, f"the weights of {ident['name']!r} (fingerprint {short(actual)}...) are not the ones "
+                        f"this calibration was fitted on (calibration.model.fingerprint {short(stored)}...): "
+                        "same name and shape, other weights; calibrate on this model with fit()")
         return cal
 
     @staticmethod
@@ -683,23 +886,33 @@ class CleanSight(Defense):
                        tau_source=self.calibration.tau_source, fitted_layers=list(self.calibration.layers))
         return out
 
-    def save(self, path: str | Path) -> Path:
-        """Write config + calibration to ``path`` (``.json``, or ``.yaml`` / ``.yml`` when pyyaml is installed)."""
+    def _record(self, where: str) -> dict[str, Any]:
         cal = self._cal("save")
-        path = Path(path)
-        record = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": dict(cal.model),
+        summary = {k: cal.model.get(k) for k in MODEL_KEYS[:3]}  # top-level copy, for readers; no fingerprint
+        record = {"format": FILE_FORMAT, "version": FILE_VERSION, "model": summary,
                   "layers": list(cal.layers), "config": self.config.to_dict(), "calibration": cal.to_dict()}
+        _check_record(record, where)  # never write a file that load() refuses
+        return record
+
+    def save(self, path: str | Path) -> Path:
+        """Write config + calibration to ``path`` (``.json``, or ``.yaml`` / ``.yml`` when pyyaml is installed).
+
+        The record passes the same checks as :meth:`load` first (``CalibrationError`` otherwise, e.g. a
+        calibration whose ``sigma`` is 0 in some dimension, or with no weights fingerprint).
+        """
+        path = Path(path)
         suffix = path.suffix.lower()
+        if suffix not in (".json", ".yaml", ".yml"):
+            raise InputError(f"CleanSight.save: {path} must end with .json, .yaml or .yml")
+        record = self._record(f"CleanSight.save: {path}")
         if suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError:
                 raise InputError(f"CleanSight.save: {path} asks for YAML but pyyaml is not installed; use .json") from None
             text = yaml.safe_dump(record, sort_keys=False)
-        elif suffix == ".json":
-            text = json.dumps(record, indent=1)
         else:
-            raise InputError(f"CleanSight.save: {path} must end with .json, .yaml or .yml")
+            text = json.dumps(record, indent=1, allow_nan=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return path
@@ -707,40 +920,54 @@ class CleanSight(Defense):
     @classmethod
     def load(cls, path: str | Path, *, model: "HookedLVLM | None" = None,
              layers: Sequence[int] | None = None) -> "CleanSight":
-        """Read a file written by :meth:`save`.
+        """Read a file written by :meth:`save`, checking every key (schema below).
+
+        Schema (version ``FILE_VERSION``): ``format``, ``version``, ``config`` (every
+        :class:`CleanSightConfig` setting, validated as on construction), ``calibration`` with ``model``
+        (``name``, ``n_layers`` >= 1, ``n_heads`` >= 1, ``fingerprint`` of the weights), ``layers``
+        (strictly ascending ints in ``[0, n_layers)``), ``mu`` (finite) and ``sigma`` (finite, > 0), each of
+        length ``len(layers) * n_heads``, ``gamma`` (finite, >= 0), ``tau`` (in ``(0, 1]``), ``tau_source``
+        (``"fixed"``: equal to ``config.tau``; ``"auto"``: ``config.tau == "auto"``), ``clean_distances``
+        (>= 2 finite values >= 0); ``config.layers`` and the top-level ``model`` / ``layers`` copies must
+        agree with it. JSON ``NaN`` / ``Infinity`` tokens and duplicate keys are refused.
 
         Args:
-            model: when given, refuse (``InputError``) a file calibrated on another model (name,
-                layers or heads differ).
+            model: when given, refuse a file calibrated on another model: name, layers or heads differ,
+                or the weights fingerprint differs (same name and shape, other weights).
             layers: when given, refuse a file calibrated on other detection layers.
+
+        Raises:
+            CalibrationError: (an ``InputError``) one line naming
+                the file, the key, the bad value and what is accepted.
         """
         path = Path(path)
+        where = f"CleanSight.load: {path}"
         if not path.is_file():
-            raise InputError(f"CleanSight.load: no file at {path}")
-        text = path.read_text()
+            raise _fail(where, "no such file")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _fail(where, f"cannot be read as text: {exc}") from None
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
                 import yaml
 
                 record = yaml.safe_load(text)
             else:
-                record = json.loads(text)
+                record = json.loads(text, object_pairs_hook=_no_duplicates)
         except ImportError:
-            raise InputError(f"CleanSight.load: {path} is YAML but pyyaml is not installed") from None
+            raise _fail(where, "is YAML but pyyaml is not installed") from None
         except Exception as exc:  # noqa: BLE001 - any parse error is a bad file
-            raise InputError(f"CleanSight.load: {path} is not valid JSON/YAML: {exc}") from None
-        if not isinstance(record, dict) or record.get("format") != FILE_FORMAT:
-            raise InputError(f"CleanSight.load: {path} is not a CleanSight calibration file (format tag missing)")
-        if record.get("version") != FILE_VERSION:
-            raise InputError(f"CleanSight.load: {path} has version {record.get('version')!r}; "
-                             f"this code reads version {FILE_VERSION}")
-        obj = cls(config=CleanSightConfig.from_dict(record["config"]))
-        obj.calibration = Calibration.from_dict(record["calibration"])
+            raise _fail(where, f"is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} "
+                        f"(truncated or hand-edited?): {exc}") from None
+        config, cal = _check_record(record, where)
+        obj = cls(config=config)
+        obj.calibration = cal
         if model is not None:
-            obj._check_model(model, "load")
+            obj._check_model(model, "load", where)
         if layers is not None:
             wanted = sorted({int(x) for x in (model.check_layers(layers) if model is not None else layers)})
-            if wanted != list(obj.calibration.layers):
-                raise InputError(f"CleanSight.load: {path} was calibrated on layers {obj.calibration.layers}, "
-                                 f"not {wanted}; recalibrate with fit() for other layers")
+            if wanted != list(cal.layers):
+                raise _fail(where, f"calibrated on layers {cal.layers}, not {wanted}; recalibrate with fit() for "
+                            "other layers")
         return obj
