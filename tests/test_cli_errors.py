@@ -167,3 +167,17 @@ def test_notebook_runs_are_quiet_and_a_failing_cell_is_one_line(tmp_path, capfd)
     message = str(err.value)
     assert "\n" not in message and "bad.ipynb failed in cell" in message
     assert "ValueError: table is broken" in message and "bad.out.ipynb" in message
+
+
+def test_inspect_csv_into_a_missing_folder_is_created(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    out = tmp_path / "new" / "deeper" / "rows.csv"
+    code, _, err = _run(["inspect", "--model", "tiny-random-llava", "--image", str(tmp_path / "red.png"),
+                         "--csv", str(out)], capsys)
+    assert code == 0, err
+    import pandas as pd
+
+    frame = pd.read_csv(out)
+    assert {"layer", "head", "group", "mass"} <= set(frame.columns) and len(frame) > 0
