@@ -14,23 +14,11 @@ import pytest
 import torch
 
 import cleansight_analysis as cs
-from cleansight_analysis.data.base import Sample
 from cleansight_analysis.defenses.cleansight import FILE_VERSION, CleanSight
 from cleansight_analysis.errors import CalibrationError, InputError
 from cleansight_analysis.models import tiny
 from cleansight_analysis.models.fingerprint import weights_fingerprint
-from conftest import noise_image
-
-PROMPTS = ["what color is it?", "shape?", "how many objects are in this picture?", "is it red?", "describe it"]
-
-
-def _samples(n: int, offset: int = 0) -> list[Sample]:
-    return [Sample(noise_image(100 + offset + i), PROMPTS[(offset + i) % len(PROMPTS)], "x", sample_id=f"s{offset + i}")
-            for i in range(n)]
-
-
-def _batch(model, samples):
-    return model.prepare([s.image for s in samples], [s.prompt for s in samples])
+from test_cleansight import _batch, _samples
 
 
 @pytest.fixture(scope="module")
