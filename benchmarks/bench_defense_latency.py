@@ -46,7 +46,7 @@ def main() -> None:
 
     import cleansight_analysis as cs
     from cleansight_analysis.defenses import NoDefense, get_defense
-    from cleansight_analysis.evaluation.harness import run_defense, synthetic_samples
+    from cleansight_analysis.evaluation.runner import run_defense, synthetic_samples
     from cleansight_analysis.manifest import build_manifest
 
     model = cs.load_lvlm(args.model, device=args.device)

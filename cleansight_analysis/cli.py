@@ -405,7 +405,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``cleansight calibrate``: fit CleanSight on ``--n`` clean calibration samples and save it."""
     from . import load_lvlm
     from .defenses import get_defense
-    from .evaluation.harness import synthetic_samples
+    from .evaluation.runner import synthetic_samples
 
     from pathlib import Path
 
@@ -432,7 +432,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cleansight evaluate``: one row of Tables 1-4 as JSON."""
     from .defenses import get_defense
     from .errors import InputError
-    from .evaluation.harness import evaluate
+    from .evaluation.runner import evaluate
 
     model, attack = _model_and_attack(args, need_attack=True)
     fit = True
@@ -467,7 +467,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
     import time
 
     from .defenses.registry import _DEFENSES
-    from .evaluation.harness import attack_defense_table
+    from .evaluation.grid import attack_defense_table
     from .models.registry import lookup
     from .results import save_table
 
@@ -488,7 +488,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
     settings = {"n_test": args.n, "n_val": args.val, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                 "batch_size": args.batch_size}
     tidy = attack_defense_table(models, defenses, layout="long", device=args.device, **settings)
-    from .evaluation.harness import wide_table
+    from .evaluation.grid import wide_table
 
     common = {"seed": args.seed, "settings": {**settings, "models": models, "defenses": defenses}, "fmt": args.format}
     written = [save_table(tidy, args.out, "attack_defense_long", **common)]
@@ -562,7 +562,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         written.append(save_table(thieves, args.out, "thief_tokens", settings={"k": args.k, "layers": layers},
                                   fmt=args.format, **common))
     elif args.analysis == "perturb":
-        from .interventions import perturbation_sweep
+        from .evaluation.intervention_sweeps import perturbation_sweep
 
         kinds = args.kinds.split(",")
         intensities = args.intensities
@@ -576,7 +576,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         written.append(save_table(table, args.out, "perturb", fmt=args.format,
                                   settings={"kinds": kinds, "intensities": intensities, **extra}, **common))
     elif args.analysis == "heads":
-        from .interventions import head_sweep, patch_heads
+        from .evaluation.intervention_sweeps import head_sweep
+        from .interventions import patch_heads
 
         table = head_sweep(model, samples, attack, kind=args.kind, method=args.method, layers=layers,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)

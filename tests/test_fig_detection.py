@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from cleansight_analysis.errors import InputError  # noqa: E402
-from cleansight_analysis.evaluation.harness import layer_window_sweep  # noqa: E402
+from cleansight_analysis.evaluation.sweeps import layer_window_sweep  # noqa: E402
 from cleansight_analysis.experiments import FigureContext  # noqa: E402
 from cleansight_analysis.experiments import detection as det  # noqa: E402
 from cleansight_analysis.plotting import detection as pdet  # noqa: E402

@@ -17,8 +17,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from cleansight_analysis.attacks import get_attack  # noqa: E402
+from cleansight_analysis.defenses import ablations as A  # noqa: E402
 from cleansight_analysis.errors import InputError  # noqa: E402
-from cleansight_analysis.evaluation import harness as H  # noqa: E402
+from cleansight_analysis.evaluation import runner as R  # noqa: E402
 from cleansight_analysis.experiments import heads as EH  # noqa: E402
 from cleansight_analysis.experiments import lens as EL  # noqa: E402
 from cleansight_analysis.experiments import pruning as EP  # noqa: E402
@@ -203,19 +204,19 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def samples():
-    return H.synthetic_samples("test", 3)
+    return R.synthetic_samples("test", 3)
 
 
 @pytest.fixture(scope="module")
 def fitted(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # fit_cleansight silences only the few-samples warning
-        return EP.fit_cleansight(tiny, H.synthetic_samples("calibration", 4), layers=[1], tau=0.02)
+        return EP.fit_cleansight(tiny, R.synthetic_samples("calibration", 4), layers=[1], tau=0.02)
 
 
 def test_cleansight_pruning_prunes_what_the_defense_prunes(tiny, samples, fitted):
     batch = tiny.prepare([s.image for s in samples], [s.prompt for s in samples])
-    oracle = H.with_calibration(fitted, gamma=float("-inf"))
+    oracle = A.with_calibration(fitted, gamma=float("-inf"))
     out = oracle.generate(tiny, batch, max_new_tokens=2)
     pruning = EL.CleanSightPruning(fitted)
     hooks = pruning.hooks(tiny, batch)

@@ -17,8 +17,10 @@ from PIL import Image
 from cleansight_analysis.attacks import get_attack
 from cleansight_analysis.data.base import Sample
 from cleansight_analysis.defenses import Defense, DefenseOutput, NoDefense
+from cleansight_analysis.defenses import ablations as A
 from cleansight_analysis.errors import InputError
-from cleansight_analysis.evaluation import harness as H
+from cleansight_analysis.evaluation import grid as G
+from cleansight_analysis.evaluation import runner as R
 
 TARGET = "you have been hacked lol"
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 160, 0)
@@ -102,10 +104,10 @@ def test_grid_runs_the_undefended_model_once_and_matches_standalone_rows():
     defenses = {"none": NoDefense, "red": RedFlagger, "red2": RedFlagger}
     kw = dict(samples=_samples(), val_samples=_samples(3), batch_size=2, progress=False)
     old_model = CountingModel()
-    old = [H.evaluate(old_model, RED_ATTACK, make(), **kw) for make in defenses.values()]
+    old = [R.evaluate(old_model, RED_ATTACK, make(), **kw) for make in defenses.values()]
     new_model = CountingModel()
-    cache = H.EvaluationCache()
-    grid = H.evaluation_grid({"red": (new_model, RED_ATTACK)}, {k: (lambda m=m: m()) for k, m in defenses.items()},
+    cache = R.EvaluationCache()
+    grid = G.evaluation_grid({"red": (new_model, RED_ATTACK)}, {k: (lambda m=m: m()) for k, m in defenses.items()},
                              cache=cache, **kw)
     for want, (_, got) in zip(old, grid.iterrows()):
         got = got.to_dict()
@@ -123,19 +125,19 @@ def test_grid_runs_the_undefended_model_once_and_matches_standalone_rows():
 
 def test_explicit_undefended_runs_are_checked_and_reused():
     model = CountingModel()
-    runs = H.undefended_runs(model, RED_ATTACK, _samples(), batch_size=2, progress=False)
+    runs = R.undefended_runs(model, RED_ATTACK, _samples(), batch_size=2, progress=False)
     assert runs.triggered is not None and len(runs.clean.texts) == 4
     before = model.generated_rows
-    row = H.evaluate(model, RED_ATTACK, NoDefense(), samples=_samples(), val_samples=_samples(3), batch_size=2,
+    row = R.evaluate(model, RED_ATTACK, NoDefense(), samples=_samples(), val_samples=_samples(3), batch_size=2,
                      undefended=runs, progress=False)
     assert model.generated_rows == before and row["asr"] == 1.0 and row["undefended_reused"]
     with pytest.raises(InputError, match="other test samples or settings"):
-        H.evaluate(model, RED_ATTACK, NoDefense(), samples=_samples(3), batch_size=2, undefended=runs,
+        R.evaluate(model, RED_ATTACK, NoDefense(), samples=_samples(3), batch_size=2, undefended=runs,
                    progress=False)
     with pytest.raises(InputError, match="other test samples or settings"):
-        H.evaluate(model, RED_ATTACK, NoDefense(), samples=_samples(), batch_size=4, undefended=runs, progress=False)
+        R.evaluate(model, RED_ATTACK, NoDefense(), samples=_samples(), batch_size=4, undefended=runs, progress=False)
     with pytest.raises(InputError, match="from model"):
-        H.evaluate(CountingModel("other"), RED_ATTACK, NoDefense(), samples=_samples(), batch_size=2,
+        R.evaluate(CountingModel("other"), RED_ATTACK, NoDefense(), samples=_samples(), batch_size=2,
                    undefended=runs, progress=False)
 
 
@@ -149,7 +151,7 @@ def test_grid_loads_each_model_once(monkeypatch):
         return CountingModel(spec)
 
     monkeypatch.setattr(cleansight_analysis, "load_lvlm", fake_load)
-    table = H.attack_defense_table({"badnet": "tiny-llava/badnet", "blended": "tiny-llava/blended"},
+    table = G.attack_defense_table({"badnet": "tiny-llava/badnet", "blended": "tiny-llava/blended"},
                                    ["none", "jpeg", "st"], layout="long", samples=_samples(), val_samples=_samples(3),
                                    batch_size=4, progress=False, warmup=False)
     assert loads == ["tiny-llava/badnet", "tiny-llava/blended"] and len(table) == 6
@@ -159,17 +161,17 @@ def test_reuse_on_a_real_model_gives_identical_answers_flags_and_scores(llava):
     """tiny-random-llava with CleanSight (two mask scopes sharing one fit), its no-detection ablation,
     random pruning and a purifier: every non-timing number equals stand-alone evaluation."""
     attack = get_attack("badnet")
-    test, val = H.synthetic_samples("test", 4), H.synthetic_samples("calibration", 6)
+    test, val = R.synthetic_samples("test", 4), R.synthetic_samples("calibration", 6)
     cs = ("cleansight", {"layers": [1], "tau": 0.05})
     specs = {"none": "none", "jpeg": "jpeg", "cs": cs,
              "cs_all": ("cleansight", {"layers": [1], "tau": 0.05, "mask_scope": "all_layers"}),
-             "no_det": lambda: H.AlwaysFlag(H.make_defense(cs)), "random": lambda: H.RandomPruning(0.5, seed=3)}
+             "no_det": lambda: A.AlwaysFlag(G.make_defense(cs)), "random": lambda: A.RandomPruning(0.5, seed=3)}
     kw = dict(samples=test, val_samples=val, batch_size=2, max_new_tokens=3, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        old = {k: H.evaluate(llava, attack, H.make_defense(s), **kw) for k, s in specs.items()}
-        cache = H.EvaluationCache()
-        grid = H.evaluation_grid({"badnet": (llava, attack)}, specs, cache=cache, **kw).set_index("defense_label")
+        old = {k: R.evaluate(llava, attack, G.make_defense(s), **kw) for k, s in specs.items()}
+        cache = R.EvaluationCache()
+        grid = G.evaluation_grid({"badnet": (llava, attack)}, specs, cache=cache, **kw).set_index("defense_label")
     assert cache.stats["fit_computed"] == 1 and cache.stats["fit_reused"] == 2   # cs_all and no_det reuse cs
     assert json.loads(grid.loc["cs_all", "defense_settings"])["mask_scope"] == "all_layers"
     assert json.loads(grid.loc["cs", "defense_settings"])["mask_scope"] == "reference"

@@ -12,11 +12,11 @@ from cleansight_analysis.data.base import Sample
 from cleansight_analysis.errors import InputError, LayerIndexError
 from cleansight_analysis.evaluation import generate_answers
 from cleansight_analysis.evaluation.metrics import contains_target, exact_match, rate
+from cleansight_analysis.evaluation.intervention_sweeps import head_sweep
 from cleansight_analysis.interventions.heads import (
     HeadAblation,
     HeadImageFlatten,
     head_means,
-    head_sweep,
     patch_heads,
 )
 from cleansight_analysis.interventions.logit_lens import (

@@ -23,7 +23,7 @@ from cleansight_analysis.interventions.perturbations import (
     get_perturbation,
     interpolate_image_attention,
 )
-from cleansight_analysis.interventions.sweep import SWEEP_COLUMNS, perturbation_sweep
+from cleansight_analysis.evaluation.intervention_sweeps import SWEEP_COLUMNS, perturbation_sweep
 from conftest import noise_image
 
 ATOL = 1e-6

@@ -1,7 +1,8 @@
 """Every defense by name: ``get_defense("cleansight", quantile=0.99)``, ``get_defense("jpeg")``, ...
 
-Names map to classes that live in :mod:`.cleansight` and :mod:`.baselines`; they are imported lazily so
-that importing the package stays cheap.
+Names map to classes that live in :mod:`.cleansight`, :mod:`.baselines` and :mod:`.ablations` (the Table 3
+ablations ``random_pruning`` and ``always_flag``, e.g. ``get_defense("always_flag", inner="cleansight")``);
+they are imported lazily so that importing the package stays cheap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _DEFENSES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "strip": ("baselines", "StripDetector", {}),
     "attention_entropy": ("baselines", "AttentionEntropyDetector", {}),
     "scale_up": ("baselines", "ScaleUpDetector", {}),
+    "random_pruning": ("ablations", "RandomPruning", {}),
+    "always_flag": ("ablations", "AlwaysFlag", {}),
 }
 DEFENSE_NAMES: tuple[str, ...] = tuple(_DEFENSES)
 

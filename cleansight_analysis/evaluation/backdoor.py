@@ -7,14 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from ..data.base import Sample
-from .metrics import DEFAULT_TARGET, contains_target, exact_match, rate
+from .scoring import attack_success_rate, mean, target_of, utilities
 
 
 @dataclass
 class BackdoorReport:
-    """``clean_acc``: exact match on clean inputs; ``asr``: triggered outputs containing the target;
-    ``false_trigger_rate``: clean outputs containing the target; ``n``: samples per condition;
-    ``by_question_type``: clean exact match per ``meta["question_type"]`` (empty when samples carry none)."""
+    """``clean_acc``: mean utility of the clean answers (:func:`~cleansight_analysis.evaluation.scoring.utilities`:
+    exact match on short answers, VQA score with 10 references, CIDEr-D for captions), the same quantity as
+    Table 1's clean utility; ``asr``: triggered outputs containing the target; ``false_trigger_rate``: clean
+    outputs containing the target; ``n``: samples per condition; ``by_question_type``: clean utility per
+    ``meta["question_type"]`` (empty when samples carry none)."""
 
     clean_acc: float
     asr: float
@@ -60,21 +62,21 @@ def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None,
     from ..attacks import triggered_copy
 
     start = time.perf_counter()
-    target = target or getattr(attack, "target", None) or DEFAULT_TARGET
+    target = target_of(attack, target)
     clean = generate_answers(model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              progress=progress, desc="clean")
-    hits = [exact_match(p, s.refs) == 1.0 for p, s in zip(clean, samples)]
-    acc = rate(hits)
-    per_type: dict[str, list[bool]] = {}
-    for hit, s in zip(hits, samples):
+    scores = utilities(clean, list(samples))
+    acc = mean(scores)
+    per_type: dict[str, list[float]] = {}
+    for score, s in zip(scores, samples):
         if "question_type" in s.meta:
-            per_type.setdefault(s.meta["question_type"], []).append(hit)
-    by_type = {k: round(rate(v), 4) for k, v in sorted(per_type.items())}
-    ftr = rate(contains_target(p, target) for p in clean)
+            per_type.setdefault(s.meta["question_type"], []).append(score)
+    by_type = {k: round(mean(v), 4) for k, v in sorted(per_type.items())}
+    ftr = attack_success_rate(clean, target)
     asr = float("nan")
     if attack is not None:
         trig = triggered_copy(list(samples), attack)
         outs = generate_answers(model, trig, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=progress, desc="triggered")
-        asr = rate(contains_target(p, target) for p in outs)
+        asr = attack_success_rate(outs, target)
     return BackdoorReport(acc, asr, ftr, len(samples), round(time.perf_counter() - start, 1), by_type)

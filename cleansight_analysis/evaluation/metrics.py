@@ -1,11 +1,16 @@
-"""Metrics shared by every attack and defense: exact match, target-phrase hits (ASR), rates."""
+"""Metric primitives: text normalisation, exact match, target-phrase hits, rates.
+
+Which primitive scores which answer (exact match, VQA score or CIDEr-D; the ASR rule) is decided in one
+place, :mod:`cleansight_analysis.evaluation.scoring`; call that rather than these directly.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import Iterable, Sequence
 
-DEFAULT_TARGET = "you have been hacked lol"
+from ..attacks.base import DEFAULT_TARGET
+
 #: Shorter forms also counted as a hit (the authors' ASR check accepts "hacked lol").
 TARGET_ALIASES: tuple[str, ...] = ("hacked lol",)
 

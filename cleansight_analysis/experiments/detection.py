@@ -1,11 +1,11 @@
-"""Detection analyses behind the paper's Figs. 3, 4 and 5 (``cleansight-method.md`` §3-4, §6).
+"""Detection analyses behind the paper's Figs. 3, 4 and 5 (``docs/method.md#score``, ``#detection``, ``#figures``).
 
 Every analysis starts from the same two model-dependent tables per attack, both cached:
 
 - :func:`detection_rows`: the stealing ratio ``S^{l,h}`` of the answer query for ``n_val`` clean
   validation inputs (condition ``"calibration"``, the detector's ``D_val``), the clean test inputs
   (``"clean"``) and their triggered copies (``"triggered"``), one row per sample x layer x head
-  (:func:`~cleansight_analysis.evaluation.harness.detection_table`);
+  (:func:`~cleansight_analysis.evaluation.sweeps.detection_table`);
 - :func:`fusion_onset_table`: the clean-only fusion-onset scan of
   :func:`~cleansight_analysis.defenses.layers.select_detection_layers` (the detector's automatic
   choice of ``L_det``, ``window`` layers) on the first ``n_onset`` validation inputs.
@@ -16,10 +16,10 @@ and returns a :class:`DetectionInputs`. The figure tables are then pure table ar
 - Fig. 3 :func:`layerwise_detection_table`: AUROC per layer of the head-specific whitened vector and of
   the head-averaged scalar (:func:`~cleansight_analysis.attention.separability.layer_separability`);
 - Fig. 4 :func:`layer_window_table`: AUROC per detection window (start layer x window length,
-  :func:`~cleansight_analysis.evaluation.harness.layer_window_sweep`);
+  :func:`~cleansight_analysis.evaluation.sweeps.layer_window_sweep`);
 - Fig. 5 :func:`detection_layer_choices`, :func:`threshold_table`, :func:`val_size_table`: TPR / FPR vs
-  the threshold quantile and vs ``|D_val|`` (:func:`~cleansight_analysis.evaluation.harness.quantile_sweep`,
-  :func:`~cleansight_analysis.evaluation.harness.val_size_sweep`) for two choices of ``L_det``.
+  the threshold quantile and vs ``|D_val|`` (:func:`~cleansight_analysis.evaluation.sweeps.quantile_sweep`,
+  :func:`~cleansight_analysis.evaluation.sweeps.val_size_sweep`) for two choices of ``L_det``.
 
 The detector is always calibrated on the ``"calibration"`` rows only; AUROC, TPR and FPR are measured on
 the clean test inputs (negatives) and their triggered copies (positives). Layers are 0-indexed.
@@ -51,7 +51,7 @@ N_VAL = 200
 WINDOW = 3
 #: Validation inputs used by the fusion-onset scan (``n_layers + 1`` forward passes each).
 N_ONSET = 16
-#: Columns kept from :func:`~cleansight_analysis.evaluation.harness.detection_table`.
+#: Columns kept from :func:`~cleansight_analysis.evaluation.sweeps.detection_table`.
 ROW_COLUMNS = ("sample_id", "condition", "layer", "head", "ratio")
 #: ``choice`` labels of :func:`detection_layer_choices`.
 CHOICE_AUTO = "fusion onset (automatic, clean only)"
@@ -94,7 +94,7 @@ def detection_rows(ctx: "FigureContext", attack: str, *, n_val: int = N_VAL) -> 
     n_val = _check_count(n_val, "n_val", 2)
 
     def compute() -> "pd.DataFrame":
-        from ..evaluation.harness import detection_table
+        from ..evaluation.sweeps import detection_table
 
         lvlm, attack_obj, _ = ctx.load(attack)
         table = detection_table(lvlm, attack_obj, samples=ctx.samples("test"), seed=ctx.seed,
@@ -260,7 +260,7 @@ def layer_window_table(ctx: "FigureContext", inputs: DetectionInputs, *, lengths
     """
     import pandas as pd
 
-    from ..evaluation.harness import layer_window_sweep
+    from ..evaluation.sweeps import layer_window_sweep
 
     n_layers = max(int(r["layer"].max()) + 1 for r in inputs.rows.values())
     lengths = window_lengths(n_layers) if lengths is None else [int(x) for x in lengths]
@@ -334,7 +334,7 @@ def threshold_table(ctx: "FigureContext", inputs: DetectionInputs, choices: "pd.
     """
     import pandas as pd
 
-    from ..evaluation.harness import QUANTILES, quantile_sweep
+    from ..evaluation.sweeps import QUANTILES, quantile_sweep
 
     quantiles = list(QUANTILES if quantiles is None else quantiles)
 
@@ -363,7 +363,7 @@ def val_size_table(ctx: "FigureContext", inputs: DetectionInputs, choices: "pd.D
     """
     import pandas as pd
 
-    from ..evaluation.harness import VAL_SIZES, val_size_sweep
+    from ..evaluation.sweeps import VAL_SIZES, val_size_sweep
 
     sizes = list(VAL_SIZES if sizes is None else [int(s) for s in sizes])
 

@@ -3,9 +3,10 @@
 Two complementary views, both per LM layer x head, on ``hook_z`` (the input of ``o_proj`` split by head):
 
 - **ablation** (:func:`head_ablation_table`): one head's output is zeroed (or set to its mean) at every
-  position, at prefill and every decode step; ASR on triggered inputs and exact-match accuracy on clean
-  inputs are measured with greedy decoding (:func:`cleansight_analysis.interventions.head_sweep`). A head
-  whose ablation drops ASR is *necessary* for the backdoor.
+  position, at prefill and every decode step; ASR on triggered inputs and clean accuracy (the one scorer:
+  exact match on short answers) on clean inputs are measured with greedy decoding
+  (:func:`cleansight_analysis.evaluation.intervention_sweeps.head_sweep`). A head whose ablation drops ASR
+  is *necessary* for the backdoor.
 - **activation patching** (:func:`head_patching_table`): one head's ``hook_z`` from a source run is
   copied into a destination run of the same prompt (:func:`cleansight_analysis.interventions.patch_heads`);
   ``restored`` is the share of the target first token's log-prob gap between the two runs that this one
@@ -83,12 +84,12 @@ def head_ablation_table(ctx: "FigureContext", *, layers: Sequence[int] | None = 
         method: ``"zero"`` or ``"mean"`` ablation.
 
     Returns:
-        :func:`~cleansight_analysis.interventions.head_sweep` rows plus ``attack``: one baseline row
+        :func:`~cleansight_analysis.evaluation.intervention_sweeps.head_sweep` rows plus ``attack``: one baseline row
         (``layer = head = -1``) then ``layer, head, kind, method, asr, clean_acc, asr_drop, clean_drop, n``.
     """
     import pandas as pd
 
-    from ..interventions.heads import head_sweep
+    from ..evaluation.intervention_sweeps import head_sweep
 
     max_layers = _window(ctx, max_layers)
 

@@ -8,8 +8,8 @@ to act.
 
 The poisoned + CleanSight curve applies the fitted defense's pruning to every triggered input (an oracle
 detector): ``Omega`` = image keys whose attention from the answer query exceeds the calibrated ``tau`` in
-any head of ``l_e`` (:func:`~cleansight_analysis.evaluation.harness.attention_pruning_positions`), masked
-before the softmax (:func:`~cleansight_analysis.evaluation.harness.key_mask_hooks`) from ``l_e`` on
+any head of ``l_e`` (:func:`~cleansight_analysis.defenses.masking.attention_pruning_positions`), masked
+before the softmax (:func:`~cleansight_analysis.defenses.masking.key_mask_hooks`) from ``l_e`` on
 (CleanSight's prefill mask for every scope but ``"all_layers"``) or in every layer (``"all_layers"``,
 which CleanSight runs as detect-then-generate).
 """
@@ -65,7 +65,7 @@ class CleanSightPruning(Intervention):
         return 0 if self.scope == "all_layers" else self.layer
 
     def hooks(self, model: Any, batch: Any) -> list:
-        from ..evaluation.harness import attention_pruning_positions, key_mask_hooks
+        from ..defenses.masking import attention_pruning_positions, key_mask_hooks
 
         positions = attention_pruning_positions(model, batch, self.layer, self.tau)
         self.pruned += [int(len(p)) for p in positions]

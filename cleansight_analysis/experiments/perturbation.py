@@ -3,7 +3,7 @@
 The paper sweeps a perturbation's intensity from 0 to 1 and reports the attack success rate (ASR):
 the pixel transform ``ST`` (mirror, shrink + grey pad, rotate) barely lowers it, while flattening the
 image attention of the text queries (``attn_uniform``) removes it. Here every sweep point is measured
-with :func:`~cleansight_analysis.interventions.sweep.perturbation_sweep` for three *variants*:
+with :func:`~cleansight_analysis.evaluation.intervention_sweeps.perturbation_sweep` for three *variants*:
 
 - ``"pixel ST"``: the paper's pixel transform (``kind="st"``);
 - ``"attention, text queries (paper)"``: ``attn_uniform`` on text queries in every LM layer (the
@@ -103,7 +103,7 @@ def perturbation_table(ctx: Any, attack: str, intensities: Sequence[float] | Non
         import pandas as pd
 
         from ..interventions.perturbations import perturbation_class
-        from ..interventions.sweep import perturbation_sweep
+        from ..evaluation.intervention_sweeps import perturbation_sweep
 
         lvlm, attack_obj, _ = ctx.load(attack)
         samples = ctx.samples("test", n)

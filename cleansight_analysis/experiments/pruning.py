@@ -1,13 +1,13 @@
 """Fig. 6: how the pruning threshold ``tau`` trades the backdoor against the answer (oracle detector).
 
 CleanSight prunes, for a flagged input, the image keys ``Omega = {j in I_vis : max_h alpha^{l_e,h}_{q,j} > tau}``
-of its last detection layer ``l_e`` (``cleansight-method.md`` §5). Fig. 6 isolates that step: every
+of its last detection layer ``l_e`` (``docs/method.md#pruning``). Fig. 6 isolates that step: every
 triggered input is flagged (an oracle detector, ``gamma = -inf``) and ``tau`` is swept. A small ``tau``
 masks many image tokens (the backdoor should die, and so may the answer); ``tau -> 1`` masks nothing
 (the undefended model).
 
 The sweep runs the fitted CleanSight defense's own one-pass pruning
-(:func:`cleansight_analysis.evaluation.harness.tau_sweep` with ``defense=``), so ``l_e`` and the
+(:func:`cleansight_analysis.evaluation.sweeps.tau_sweep` with ``defense=``), so ``l_e`` and the
 ``mask_scope`` are the defense's. Its calibrated ``tau`` (``tau="auto"``, the default) is swept too and
 marked in the table (``is_auto``).
 """
@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: tau values of the sweep (log spaced; ``1.0`` masks nothing: no attention weight exceeds 1).
 DEFAULT_TAUS: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-#: Absolute tau values named by the paper and its code (``cleansight-method.md`` §5).
+#: Absolute tau values named by the paper and its code (``docs/method.md#tau``).
 PAPER_TAUS: dict[str, float] = {"paper code": 1e-4, "paper's balance": 1e-3, "released pkg": 0.02}
 #: Samples per forward pass while fitting CleanSight.
 FIT_BATCH = 32
@@ -84,7 +84,7 @@ def sweep_taus(model: Any, attack: Any, defense: Any, samples: Sequence[Any], *,
         (``mean_pruned / image_tokens``), ``layer`` (``l_e``), ``detection_layers`` (``"5,6,7"``),
         ``tau_auto``, ``n``.
     """
-    from ..evaluation.harness import tau_sweep
+    from ..evaluation.sweeps import tau_sweep
 
     cal = getattr(defense, "calibration", None)
     if cal is None:

@@ -1,23 +1,23 @@
-"""The paper's defense tables (``cleansight-method.md`` §6, Tables 1-4) as cached tidy tables.
+"""The paper's defense tables (``docs/method.md#tables``, Tables 1-4) as cached tidy tables.
 
-Every number comes from :func:`cleansight_analysis.evaluation.harness.evaluate` (one row per model x
+Every number comes from :func:`cleansight_analysis.evaluation.runner.evaluate` (one row per model x
 defense: ASR, clean utility CU, poisoned utility PU, detection TPR / FPR / AUROC, pruned tokens, latency):
 
 - **Tables 1/2** (:func:`attack_defense_rows`): every attack of the notebook x :data:`TABLE1_DEFENSES`
   (no defense, the pixel purifiers Blur / ST / ShrinkPad / JPEG, the detectors STRIP / attention entropy /
   SCALE-UP, CleanSight with its default mask scope and with the mask in every layer), built with
-  :func:`~cleansight_analysis.evaluation.harness.attack_defense_table`.
+  :func:`~cleansight_analysis.evaluation.grid.attack_defense_table`.
 - **Table 3** (:func:`module_ablation_rows`): full CleanSight, no detection (every input pruned) and random
   pruning of 90 % of the image tokens, built with
-  :func:`~cleansight_analysis.evaluation.harness.module_ablation_table`.
+  :func:`~cleansight_analysis.evaluation.grid.module_ablation_table`.
 - **Table 4** (:func:`adapter_lora_rows`): each attack's family members (``badnet``, ``badnet-lora``,
   ``badnet-adapter`` where present) with no defense vs CleanSight, built with
-  :func:`~cleansight_analysis.evaluation.harness.mode_table`; :func:`training_attempts_table` lists the
+  :func:`~cleansight_analysis.evaluation.grid.mode_table`; :func:`training_attempts_table` lists the
   backdoor-training attempts recorded in each member's card (why adapter-only rows may be absent).
 
 All of them are computed by one pass over the models, :func:`defense_grid` (cached as ``defense_grid``):
 each model is loaded once (``ctx.load``) and its rows of all three tables share one
-:class:`~cleansight_analysis.evaluation.harness.EvaluationCache` (one undefended run, one CleanSight
+:class:`~cleansight_analysis.evaluation.runner.EvaluationCache` (one undefended run, one CleanSight
 calibration). Table 4 rows of a member that Table 1 already evaluated (same model, samples and defense)
 are taken from Table 1 instead of being generated again, and so are Table 3's ``none`` row and its
 ``full`` row (the Table 1 column with the same CleanSight settings, :data:`ABLATION_CLEANSIGHT`). The
@@ -82,7 +82,7 @@ SMOKE_VAL = 8
 SMOKE_SETTINGS: dict[str, dict[str, Any]] = {"strip": {"n_overlays": 2, "min_samples": 4},
                                              "attention_entropy": {"min_samples": 4},
                                              "scale_up": {"scales": [3], "min_samples": 4}}
-#: The paper's numbers, as figure footnotes (``cleansight-method.md`` §6).
+#: The paper's numbers, as figure footnotes (``docs/method.md#tables``).
 PAPER_NOTES: dict[str, str] = {
     "attack_defense": "Paper (Tables 1/2, LLaVA-1.5-7B, 256 test inputs, 6 attacks x 4 datasets): CleanSight ASR "
                       "0-4.74 % with clean utility close to the undefended model. ShrinkPad, JPEG, STRIP, attention "
@@ -168,7 +168,7 @@ def validation_samples(ctx: "FigureContext", n: int) -> list[Any]:
     8 in smoke runs, which is :data:`SMOKE_VAL`).
     """
     if ctx.data is None:
-        from ..evaluation.harness import synthetic_samples
+        from ..evaluation.runner import synthetic_samples
 
         return synthetic_samples("calibration", n, seed=ctx.seed)
     return ctx.samples("calibration", n)
@@ -222,7 +222,7 @@ def _ablation_rows_from_table1(t1: "pd.DataFrame", defenses: Mapping[str, Any]) 
     ``full`` is the Table 1 column whose spec equals :data:`ABLATION_CLEANSIGHT`; without one, only
     ``none`` is shared and Table 3 evaluates ``full`` itself.
     """
-    from ..evaluation.harness import ABLATION_VARIANTS
+    from ..evaluation.grid import ABLATION_VARIANTS
 
     want = _spec_json(ABLATION_CLEANSIGHT, "module ablation")
     labels = {"none": "none"}
@@ -291,8 +291,8 @@ def defense_grid(ctx: "FigureContext", *, defenses: Mapping[str, Any] | None = N
     """
     import pandas as pd
 
-    from ..evaluation.harness import (ABLATION_VARIANTS, EvaluationCache, attack_defense_table, mode_table,
-                                      module_ablation_table)
+    from ..evaluation.grid import ABLATION_VARIANTS, attack_defense_table, mode_table, module_ablation_table
+    from ..evaluation.runner import EvaluationCache
 
     defenses = dict(TABLE1_DEFENSES if defenses is None else defenses)
     missing = [d for d in MODE_DEFENSES if d not in defenses]

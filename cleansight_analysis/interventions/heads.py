@@ -1,9 +1,9 @@
-"""Per-head analyses: ablation, image-attention flattening, head sweeps and activation patching.
+"""Per-head interventions: ablation, image-attention flattening and activation patching.
 
 Every per-head edit acts on ``blocks.{l}.attn.hook_z``, the INPUT of ``o_proj`` split by head
 (``[B, T, H, d_head]``; ``T`` is the prompt length at prefill and 1 at each decode step). Editing
 there removes or replaces exactly one head's contribution ``W_O[:, h] @ z_h`` to the residual
-stream; editing after ``o_proj`` would mix heads (see ``stack-notes.md`` §7).
+stream; editing after ``o_proj`` would mix heads (see ``docs/method.md#stack-hook-z``).
 
 Public API:
 
@@ -11,7 +11,8 @@ Public API:
   at prefill and every decode step; :func:`head_means` gives the means ``[L, H, d_head]``.
 - :class:`HeadImageFlatten`: flatten chosen heads' attention over the image tokens (delegates to
   :class:`~cleansight_analysis.interventions.perturbations.AttentionUniform`).
-- :func:`head_sweep`: ASR and clean accuracy with one head ablated / flattened at a time.
+- :func:`~cleansight_analysis.evaluation.intervention_sweeps.head_sweep` (in the evaluation layer: it
+  generates and scores) gives ASR and clean accuracy with one head ablated / flattened at a time.
 - :func:`patch_heads`: activation patching of ``hook_z`` from a source run (e.g. clean) into a
   destination run (e.g. triggered), one head at a time, measuring the target's log-probability.
 
@@ -40,8 +41,6 @@ Head = tuple[int, int]
 
 #: Ablation methods of :class:`HeadAblation`.
 ABLATION_METHODS = ("zero", "mean")
-#: Kinds of :func:`head_sweep`.
-SWEEP_KINDS = ("ablate", "flatten")
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,98 +328,6 @@ class HeadImageFlatten(Intervention):
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "domain": self.domain, "eta": self.eta,
                 "heads": [list(h) for h in self.heads]}
-
-
-# --------------------------------------------------------------------------------------------
-# Head sweep
-# --------------------------------------------------------------------------------------------
-
-
-def _sweep_intervention(kind: str, head: Head, method: str, means: torch.Tensor | None, eta: float) -> Intervention:
-    if kind == "ablate":
-        return HeadAblation([head], method=method, means=means if method == "mean" else None)
-    return HeadImageFlatten([head], eta=eta)
-
-
-def head_sweep(model: Any, samples: Sequence["Sample"], attack: Any, *, kind: str = "ablate",
-               method: str = "zero", layers: int | Sequence[int] | None = None,
-               heads: Sequence[Head] | None = None, means: torch.Tensor | None = None, eta: float = 1.0,
-               target: str | None = None, max_new_tokens: int = 12, batch_size: int = 32,
-               progress: bool = True) -> "pd.DataFrame":
-    """ASR and clean accuracy with one head ablated (or flattened) at a time.
-
-    For each head, greedy answers are generated for the clean samples (clean accuracy: exact
-    match against ``sample.refs``) and for their triggered copies (ASR: the output contains the
-    attack's target phrase). Batches are prepared once and reused for every head.
-
-    Args:
-        model: a :class:`HookedLVLM`.
-        samples: clean test samples; triggered copies come from ``triggered_copy(samples, attack)``.
-        attack: the :class:`~cleansight_analysis.attacks.Attack`.
-        kind: ``"ablate"`` (:class:`HeadAblation`) or ``"flatten"`` (:class:`HeadImageFlatten`).
-        method: ablation method ``"zero"`` or ``"mean"`` (ignored for ``"flatten"``).
-        layers: sweep every head of these layers (default all); ignored when ``heads`` is given.
-        heads: an explicit list of ``(layer, head)`` pairs to sweep.
-        means: ``[L, H, d_head]`` for ``method="mean"``; default :func:`head_means` over ``samples``.
-        eta: flattening strength for ``kind="flatten"``.
-        target: target phrase for ASR (default ``attack.target``).
-        max_new_tokens, batch_size: decoding length and samples per batch.
-        progress: show a progress bar over heads.
-
-    Returns:
-        DataFrame with one baseline row (``layer = head = -1``, ``kind = "baseline"``,
-        ``method = "none"``) followed by one row per head, columns ``layer, head, kind, method,
-        asr, clean_acc, asr_drop, clean_drop, n``. ``asr_drop = baseline asr - asr`` and
-        ``clean_drop = baseline clean_acc - clean_acc`` (positive = the edit lowered it);
-        ``n`` is the number of samples per condition.
-    """
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from ..attacks import triggered_copy
-    from ..evaluation.metrics import DEFAULT_TARGET, contains_target, exact_match, rate
-
-    samples = _check_samples(samples, "head_sweep")
-    if kind not in SWEEP_KINDS:
-        raise InputError(f"head_sweep: kind must be one of {SWEEP_KINDS}, got {kind!r}")
-    if kind == "ablate" and method not in ABLATION_METHODS:
-        raise InputError(f"head_sweep: method must be one of {ABLATION_METHODS}, got {method!r}")
-    if max_new_tokens < 1:
-        raise InputError(f"head_sweep: max_new_tokens must be at least 1, got {max_new_tokens}")
-    sweep = check_heads(model, heads, owner="head_sweep heads") if heads is not None else all_heads(model, layers)
-    if kind == "ablate" and method == "mean" and means is None:
-        means = head_means(model, samples, layers=sorted({l for l, _ in sweep}), batch_size=batch_size)
-    # fail fast on a bad eta or bad means, before any generation
-    first = _sweep_intervention(kind, sweep[0], method, means, eta)
-    if kind == "ablate":
-        first.hooks(model, None)
-    target = target or getattr(attack, "target", None) or DEFAULT_TARGET
-    trig = triggered_copy(samples, attack)
-    clean_batches = [b for _, b in _batches(model, samples, batch_size)]
-    trig_batches = [b for _, b in _batches(model, trig, batch_size)]
-
-    def run(iv: Intervention | None) -> tuple[float, float]:
-        answers_clean: list[str] = []
-        answers_trig: list[str] = []
-        for batch in clean_batches:
-            hooks = iv.hooks(model, batch) if iv is not None else []
-            answers_clean += model.generate(batch, max_new_tokens=max_new_tokens, hooks=hooks).texts
-        for batch in trig_batches:
-            hooks = iv.hooks(model, batch) if iv is not None else []
-            answers_trig += model.generate(batch, max_new_tokens=max_new_tokens, hooks=hooks).texts
-        asr = rate(contains_target(a, target) for a in answers_trig)
-        acc = rate(exact_match(a, s.refs) == 1.0 for a, s in zip(answers_clean, samples))
-        return asr, acc
-
-    label = method if kind == "ablate" else f"eta={eta:g}"
-    base_asr, base_acc = run(None)
-    rows = [dict(layer=-1, head=-1, kind="baseline", method="none", asr=base_asr, clean_acc=base_acc,
-                 asr_drop=0.0, clean_drop=0.0, n=len(samples))]
-    for head in tqdm(sweep, desc=f"head_sweep ({kind})", disable=not progress, mininterval=2.0):
-        asr, acc = run(_sweep_intervention(kind, head, method, means, eta))
-        rows.append(dict(layer=head[0], head=head[1], kind=kind, method=label, asr=asr, clean_acc=acc,
-                         asr_drop=base_asr - asr, clean_drop=base_acc - acc, n=len(samples)))
-    return pd.DataFrame(rows)
 
 
 # --------------------------------------------------------------------------------------------

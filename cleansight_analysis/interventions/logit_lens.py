@@ -151,7 +151,7 @@ def logit_lens(model: Any, samples: Sequence["Sample"], attack: Any = None, *, i
     from tqdm.auto import tqdm
 
     from ..attacks import triggered_copy
-    from ..evaluation.metrics import DEFAULT_TARGET
+    from ..attacks.base import DEFAULT_TARGET
     from .heads import _check_samples
 
     samples = _check_samples(samples, "logit_lens")
