@@ -1,0 +1,7 @@
+"""``python -m cleansight_analysis.cli``: the ``cleansight`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
