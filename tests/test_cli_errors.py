@@ -181,3 +181,13 @@ def test_inspect_csv_into_a_missing_folder_is_created(tmp_path, capsys):
 
     frame = pd.read_csv(out)
     assert {"layer", "head", "group", "mass"} <= set(frame.columns) and len(frame) > 0
+
+
+def test_pdf_content_ignores_sub_hundredth_point_noise_only():
+    def pdf(body: bytes) -> bytes:
+        return b"%PDF-1.4\n1 0 obj\n<< /Length 9 >>\nstream\n" + body + b"\nendstream\nendobj\n"
+
+    base = pdf(b"477.640916 94.393833 l 0 0 m /F1 12 Tf")
+    assert pdf_content(base) == pdf_content(pdf(b"477.640916 94.393822 l -0 0 m /F1 12 Tf"))   # 1e-5 pt, -0
+    assert pdf_content(base) != pdf_content(pdf(b"477.640916 94.493833 l 0 0 m /F1 12 Tf"))    # 0.1 pt moved
+    assert pdf_content(base) != pdf_content(pdf(b"477.640916 94.393833 l 0 0 m /F1 14 Tf"))    # font size

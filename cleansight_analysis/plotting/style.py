@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 #: Colours of the token groups, used by every figure.
 GROUP_COLORS = {"system": "#8c8c8c", "image": "#d1495b", "prompt": "#00798c", "template_tail": "#edae49",
@@ -27,8 +28,9 @@ def save_figure(fig, path_stem: str | Path) -> list[Path]:
 
     A file whose drawing is unchanged is left as it is on disk, so re-running a notebook on unchanged
     tables leaves the gallery (and ``git status``) untouched: PNGs are compared byte for byte, PDFs by
-    their content (:func:`pdf_content`), which ignores the sign of zero coordinates (``-0`` vs ``0``),
-    float noise that differs between CPUs (FMA / SIMD kernels) in matplotlib's transforms.
+    their content (:func:`pdf_content`): coordinates at 0.01 pt and the sign of zero ignored, which is
+    the float noise that differs between CPUs (FMA / SIMD kernels) in float32 results and in matplotlib's
+    transforms.
     """
     import io
 
@@ -50,7 +52,8 @@ def save_figure(fig, path_stem: str | Path) -> list[Path]:
 
 
 def pdf_content(data: bytes) -> list[bytes]:
-    """The streams of a PDF (decompressed), with signed zeros written as zeros: what a reader draws.
+    """The streams of a PDF (decompressed), decimal numbers rounded to 0.01 and signed zeros written as
+    zeros: what a reader draws.
 
     Args:
         data: the bytes of a PDF file written by matplotlib.
@@ -67,5 +70,11 @@ def pdf_content(data: bytes) -> list[bytes]:
             body = zlib.decompress(body)
         except zlib.error:
             pass
-        out.append(re.sub(rb"(?<![\d.])-(0(?:\.0*)?)(?![\d.])", rb"\1", body))
+        out.append(re.sub(rb"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])", _coarse_number, body))
     return out
+
+
+def _coarse_number(match: Any) -> bytes:
+    """A PDF coordinate at 0.01 pt (1/7200 inch, far below what any viewer draws); ``-0`` -> ``0``."""
+    value = round(float(match.group(0)), 2)
+    return b"%.2f" % (value + 0.0)  # + 0.0 turns -0.0 into 0.0
