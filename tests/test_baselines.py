@@ -20,6 +20,7 @@ from cleansight_analysis.defenses.baselines import (AttentionEntropyDetector, Pu
                                                     StripDetector, amplify, entropy, superimpose)
 from cleansight_analysis.errors import CleanSightError, InputError
 from cleansight_analysis.interventions import get_perturbation
+from tolerances import F32_FORWARD_RTOL
 
 PROMPTS = ["what is in the picture?", "describe the image", "which colour dominates?", "is there a cat?"]
 
@@ -116,7 +117,7 @@ def test_threshold_is_quantile_of_clean_scores(llava):
         scores = det.score(llava, whole)
         assert scores.shape == (12,)
         # chunks of 5 + 5 + 2 pad differently from one batch of 12: float32 noise only
-        torch.testing.assert_close(det.clean_scores, scores, atol=1e-5, rtol=0)
+        torch.testing.assert_close(det.clean_scores, scores, atol=0, rtol=F32_FORWARD_RTOL)  # two forwards apart
         want = float(np.quantile(det.clean_scores.numpy(), q))
         assert det.threshold == pytest.approx(want, abs=1e-12)
         flags = det.detect(llava, whole)

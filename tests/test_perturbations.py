@@ -25,8 +25,10 @@ from cleansight_analysis.interventions.perturbations import (
 )
 from cleansight_analysis.evaluation.intervention_sweeps import SWEEP_COLUMNS, perturbation_sweep
 from conftest import noise_image
+from tolerances import F32_SUM_ATOL
 
-ATOL = 1e-6
+#: the interpolation rewrites probabilities of one float32 tensor: sums over <= ~600 keys, one reduction apart
+ATOL = F32_SUM_ATOL
 
 
 def structured_image(size=(128, 96)) -> Image.Image:
@@ -172,7 +174,7 @@ def _check_edited(pre, post, batch, q_offset=0, eta1=True):
                 assert torch.equal(post[b, :, qi], pre[b, :, qi]), (b, pos)
                 continue
             assert torch.equal(post[b, :, qi, ~img], pre[b, :, qi, ~img])  # text keys untouched
-            assert torch.allclose(post[b, :, qi].sum(-1), torch.ones(h_), atol=1e-5)
+            assert torch.allclose(post[b, :, qi].sum(-1), torch.ones(h_), atol=F32_SUM_ATOL)
             for im in g.images:
                 new, old = post[b, :, qi, im.positions], pre[b, :, qi, im.positions]
                 assert torch.allclose(new.sum(-1), old.sum(-1), atol=ATOL)
