@@ -2,10 +2,24 @@
 
 Manifests hold no absolute paths of the machine that wrote them: a path inside the repository is stored
 relative to the repository root (:func:`portable`), so shipped result files read the same on every clone.
+
+Two fingerprints say what computed a result, so that a cached table can be refused when either changed
+(:meth:`cleansight_analysis.experiments.FigureContext.cached`):
+
+- :func:`code_fingerprint`: sha256 over the package's source (every ``*.py`` file and the package data
+  under ``assets/``, by path relative to the package, line endings normalised to LF, ``__pycache__`` and
+  hidden files skipped). The ``plotting`` sub-package is left out: it only reads finished tables (a test
+  checks that nothing outside it imports it), so editing a figure's look keeps every cached table.
+  Computed from the files on disk, it is the same on every clone of one commit, whatever the OS.
+- :func:`model_files_fingerprint`: sha256 over a model folder's files (path, size, and the bytes; for a
+  file above :data:`FULL_HASH_LIMIT` only the safetensors header and the first and last MiB), cheap
+  enough to run before every cached table, also for a 7B checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -89,6 +103,113 @@ def portable(value: Any) -> Any:
     return value
 
 
+#: Sub-packages of ``cleansight_analysis`` left out of :func:`code_fingerprint` (they never compute a table).
+CODE_EXCLUDE: tuple[str, ...] = ("plotting",)
+#: Suffixes of files whose line endings are normalised (CRLF -> LF) before hashing.
+_TEXT_SUFFIXES = (".py", ".json", ".jinja", ".txt", ".md", ".yaml", ".yml", ".cfg", ".toml")
+#: Files up to this size are hashed whole by :func:`model_files_fingerprint`; larger ones by header and ends.
+FULL_HASH_LIMIT = 64 << 20
+_EDGE = 1 << 20
+
+
+def _skipped(rel: Path) -> bool:
+    return any(part == "__pycache__" or part.startswith(".") for part in rel.parts)
+
+
+def _file_digest(path: Path, *, partial: bool = False) -> str:
+    """sha256 of a file's bytes (text files with LF line endings); ``partial``: header and ends only."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        if not partial:
+            data = handle.read()
+            if path.suffix.lower() in _TEXT_SUFFIXES:
+                data = data.replace(b"\r\n", b"\n")
+            h.update(data)
+            return h.hexdigest()
+        if path.suffix == ".safetensors":            # 8-byte little-endian length, then the JSON header
+            head = handle.read(8)
+            h.update(head)
+            if len(head) == 8:
+                h.update(handle.read(min(int.from_bytes(head, "little"), 100 << 20)))
+        handle.seek(0)
+        h.update(handle.read(_EDGE))
+        handle.seek(max(0, size - _EDGE))
+        h.update(handle.read(_EDGE))
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_file_digest(path: str, size: int, mtime_ns: int) -> str:
+    return _file_digest(Path(path), partial=size > FULL_HASH_LIMIT)
+
+
+def _tree_fingerprint(files: list[tuple[str, Path]], digest) -> str:
+    h = hashlib.sha256()
+    for rel, path in sorted(files):
+        h.update(f"{rel}\0{digest(path)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def _code_files(base: Path, exclude: tuple[str, ...]) -> list[tuple[str, Path]]:
+    files = []
+    for path in base.rglob("*"):
+        rel = path.relative_to(base)
+        if not path.is_file() or _skipped(rel) or (rel.parts and rel.parts[0] in exclude):
+            continue
+        if path.suffix == ".py" or "assets" in rel.parts[:-1]:
+            files.append((rel.as_posix(), path))
+    return files
+
+
+_OWN_CODE: dict[tuple[str, ...], str] = {}
+
+
+def code_fingerprint(root: str | os.PathLike | None = None, *, exclude: tuple[str, ...] = CODE_EXCLUDE) -> str:
+    """``"sha256:<hex>"`` of the package source under ``root`` (default: this package); see the module docstring.
+
+    For this package the value is computed once per process (the code a process runs is the code it
+    imported); for another ``root`` on every call.
+    """
+    exclude = tuple(exclude)
+    if root is None:
+        if exclude not in _OWN_CODE:
+            base = Path(__file__).resolve().parent
+            _OWN_CODE[exclude] = _tree_fingerprint(_code_files(base, exclude), _file_digest)
+        return _OWN_CODE[exclude]
+    return _tree_fingerprint(_code_files(Path(root), exclude), _file_digest)
+
+
+def model_files_fingerprint(folder: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` over the files of a model folder (sub-folders included, hidden files skipped).
+
+    Per file: its path relative to ``folder`` and the sha256 of its bytes (line endings of text files
+    normalised); a file above :data:`FULL_HASH_LIMIT` counts by its size, safetensors header and first and
+    last MiB instead (cheap for multi-GB shards; a re-trained shard that keeps its size, header and both
+    ends unchanged goes unnoticed, but its ``card.json`` or config usually does not). Remembered per
+    file path, size and modification time within a process.
+    """
+    base = Path(folder)
+    files = []
+    for path in base.rglob("*"):
+        rel = path.relative_to(base)
+        if path.is_file() and not _skipped(rel):
+            files.append((rel.as_posix(), path))
+
+    def digest(path: Path) -> str:
+        st = path.stat()
+        return f"{st.st_size}:{_cached_file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
+
+    return _tree_fingerprint(files, digest)
+
+
+def short(fingerprint: Any, n: int = 12) -> str:
+    """The first ``n`` hex digits of a ``"sha256:<hex>"`` fingerprint (for messages); ``None`` -> ``'none'``."""
+    if fingerprint is None:
+        return "none"
+    return str(fingerprint).split(":", 1)[-1][:n]
+
+
 def build_manifest(*, model: Any = None, settings: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A JSON-serialisable manifest: what ran, on what, with which versions (paths made :func:`portable`)."""
     import torch
@@ -96,6 +217,7 @@ def build_manifest(*, model: Any = None, settings: dict[str, Any] | None = None,
     manifest: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "git_revision": git_revision(),
+        "code_fingerprint": code_fingerprint(),
         "versions": package_versions(),
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),

@@ -11,6 +11,11 @@ A notebook's ``parameters`` cell sets plain values (``model``, ``attacks``, ``n_
 ``model`` is either a *family* (a folder under ``data/models`` such as ``"tiny-llava"``, with one member
 per attack: ``tiny-llava/badnet``), a registry name or folder of one backdoored model whose card names
 its attack, or a local folder holding one sub-folder per attack (``/models/llava-backdoors/badnet``).
+
+Cached tables are keyed by their parameters, the code that computed them and the model files they came
+from (see :meth:`FigureContext.cached`). Environment variables: ``CLEANSIGHT_RECOMPUTE=1`` recomputes every
+table; ``CLEANSIGHT_CACHE_IGNORE_CODE=1`` reuses tables computed by other code (for changes that cannot
+alter a number, e.g. a notebook's plotting cell or a docstring).
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import InputError
+from ..errors import CleanSightError, InputError
 
 #: Sample counts used in smoke runs (``smoke=True``) whatever the notebook asks for.
 SMOKE_SAMPLES = 8
+#: Environment variable: reuse cached tables whatever code computed them (``1``).
+IGNORE_CODE_ENV = "CLEANSIGHT_CACHE_IGNORE_CODE"
 
 
 def _jsonable(value: Any) -> Any:
@@ -163,6 +170,45 @@ class FigureContext:
             raise InputError(f"model {spec!r} has no attack in its card")
         return attack_from_dict(card["attack"])
 
+    def model_fingerprints(self) -> dict[str, str | None]:
+        """Per attack, the fingerprint of the model files on disk (its folder and the ``base`` folders of a
+        delta model, :func:`~cleansight_analysis.manifest.model_files_fingerprint`), without loading a model.
+
+        ``None`` for a model built by code (a registry builder such as ``tiny-random-llava``: the code
+        fingerprint covers it) or one that cannot be resolved (loading it reports why).
+        """
+        from ..manifest import model_files_fingerprint
+        from ..models.registry import base_chain, lookup
+
+        def folder(spec: str) -> Path | None:
+            entry = lookup(spec)
+            if entry is not None:
+                return entry.path
+            return Path(spec) if Path(spec).is_dir() else None
+
+        out: dict[str, str | None] = {}
+        for attack in self.attacks:
+            try:
+                top = folder(self.model_spec(attack))
+                if top is None:
+                    out[attack] = None
+                    continue
+                try:
+                    chain = [folder(link) for link in base_chain(top)]
+                except CleanSightError:
+                    chain = [top]
+                prints = [model_files_fingerprint(f) for f in chain if f is not None]
+            except (CleanSightError, OSError):
+                out[attack] = None
+                continue
+            if len(prints) == 1:
+                out[attack] = prints[0]
+            else:
+                import hashlib
+
+                out[attack] = "sha256:" + hashlib.sha256("\n".join(prints).encode()).hexdigest()
+        return out
+
     # ------------------------------------------------------------------ samples
     def samples(self, split: str = "test", n: int | None = None) -> list[Any]:
         """``count(n)`` samples of ``split`` (synthetic world, or the ``data`` folder's samples)."""
@@ -190,7 +236,14 @@ class FigureContext:
 
         The cache key is ``params`` plus :meth:`settings` (model, attacks, sample count, seed, device, ...),
         compared as JSON with the ``params`` stored in the table's manifest (repository paths in it stored
-        relative to the repository root, so a clone elsewhere reuses the shipped tables). ``compute()`` must
+        relative to the repository root, so a clone elsewhere reuses the shipped tables), plus two
+        fingerprints stored next to them: ``code_fingerprint``, the package source
+        (:func:`~cleansight_analysis.manifest.code_fingerprint`: every ``cleansight_analysis`` module but
+        ``plotting``), and ``model_fingerprint``, the files of each attack's model folder
+        (:meth:`model_fingerprints`). Editing any such module, or retraining a model, therefore recomputes
+        the tables on their next use, each with one line saying so. Setting the environment variable
+        ``CLEANSIGHT_CACHE_IGNORE_CODE=1`` reuses tables whatever code computed them (for a change that
+        cannot alter a number); model files are always compared. ``compute()`` must
         return a pandas DataFrame. Prints whether the table was reused or computed. A cached table is used only
         when :func:`~cleansight_analysis.results.verify_table` accepts it (a manifest next to it whose sha256
         and row count match); anything else (missing, truncated, empty or edited table or manifest) is
@@ -199,34 +252,36 @@ class FigureContext:
         copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first; notebooks running at
         the same time (``cleansight figures --jobs 2``) take turns on it (a file lock), so it is computed once.
         """
-        from ..manifest import portable
+        from .. import manifest as provenance
 
-        key = portable(_jsonable({**self.settings(), **params}))
+        key = provenance.portable(_jsonable({**self.settings(), **params}))
+        prints = {"code_fingerprint": provenance.code_fingerprint(), "model_fingerprint": self.model_fingerprints()}
         out = self.shared_dir if shared else Path(self.results_dir)
         with _table_lock(out, name) if shared else contextlib.nullcontext():
-            return self._cached(out, name, key, compute, model=model, attack=attack, params=params)
+            return self._cached(out, name, key, prints, compute, model=model, attack=attack, params=params)
 
-    def _cached(self, out: Path, name: str, key: Any, compute: Callable[[], Any], *, model: Any, attack: Any,
-                params: dict[str, Any]) -> Any:
+    def _cached(self, out: Path, name: str, key: Any, prints: dict[str, Any], compute: Callable[[], Any], *,
+                model: Any, attack: Any, params: dict[str, Any]) -> Any:
         import time
 
         from ..results import save_table
 
         if not self.recompute:
-            table = self._reuse(out, name, key)
+            table = self._reuse(out, name, key, prints)
             if table is not None:
                 return table
         start = time.perf_counter()
         table = compute()
         seconds = time.perf_counter() - start
         path = save_table(table, out, name, model=model, attack=attack, seed=self.seed, settings=params,
-                          params=key, seconds=round(seconds, 1))
+                          params=key, seconds=round(seconds, 1), **prints)
         self.log(f"{name}: computed in {seconds:.1f} s -> {path}")
         return table
 
-    def _reuse(self, out: Path, name: str, key: Any) -> Any:
-        """The cached table ``name`` in ``out`` when it is valid and was made with ``key``, else None (after
-        logging one line that says why, unless nothing was cached)."""
+    def _reuse(self, out: Path, name: str, key: Any, prints: dict[str, Any]) -> Any:
+        """The cached table ``name`` in ``out`` when it is valid and was made with ``key`` by the code and
+        model files of ``prints``, else None (after logging one line that says why, unless nothing was
+        cached)."""
         from ..results import load_manifest, load_table, manifest_path, verify_table
 
         candidates = [out / f"{name}.{fmt}" for fmt in ("parquet", "csv")]
@@ -249,6 +304,19 @@ class FigureContext:
         if manifest.get("params") != key:
             self.log(f"{name}: cached results in {path} have other parameters; recomputing")
             return None
+        note = ""
+        stored_code, code = manifest.get("code_fingerprint"), prints["code_fingerprint"]
+        if stored_code != code:
+            if os.environ.get(IGNORE_CODE_ENV, "") in ("", "0"):
+                self.log(f"{name}: cached table was computed by other code (package fingerprint "
+                         f"{_short(stored_code)} != {_short(code)}; {IGNORE_CODE_ENV}=1 reuses it); recomputing")
+                return None
+            note = f"; computed by other code ({_short(stored_code)} != {_short(code)}), reused as {IGNORE_CODE_ENV}=1"
+        stored_models, models = manifest.get("model_fingerprint"), prints["model_fingerprint"]
+        if stored_models != models:
+            self.log(f"{name}: cached table was computed from other model files ({_model_change(stored_models, models)})"
+                     f"; recomputing")
+            return None
         if self._recompute_before is not None:
             from datetime import datetime
 
@@ -266,7 +334,7 @@ class FigureContext:
             self.log(f"{name}: cached {exc}; recomputing")
             return None
         self.log(f"{name}: reusing cached results {path} (computed {manifest.get('created')}, "
-                 f"same parameters; set recompute=True to redo)")
+                 f"same parameters{note}; set recompute=True to redo)")
         return table
 
     # ------------------------------------------------------------------ figures
@@ -279,21 +347,29 @@ class FigureContext:
         return paths
 
 
-@contextlib.contextmanager
+def _short(fingerprint: Any) -> str:
+    from ..manifest import short
+
+    return short(fingerprint) if fingerprint is not None else "none recorded"
+
+
+def _model_change(stored: Any, current: dict[str, Any]) -> str:
+    """``"badnet: abc != def"`` for the first attack whose model files differ (or a summary)."""
+    if not isinstance(stored, dict):
+        return "no model fingerprint recorded"
+    for attack in list(current) + [a for a in stored if a not in current]:
+        if stored.get(attack) != current.get(attack):
+            return f"{attack}: {_short(stored.get(attack))} != {_short(current.get(attack))}"
+    return "attacks differ"  # pragma: no cover - dicts differ, so some attack does
+
+
 def _table_lock(folder: Path, name: str):
-    """Hold an exclusive lock on ``<folder>/.<name>.lock`` (POSIX ``flock``; no lock where unavailable)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
+    """An exclusive lock on ``<folder>/.<name>.lock`` (:class:`filelock.FileLock`: ``flock`` on POSIX,
+    ``msvcrt`` locking on Windows), held by a ``with`` block."""
+    from filelock import FileLock
+
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(folder / f".{name}.lock")
 
 
 def fmt_pct(value: float, digits: int = 1) -> str:
@@ -303,4 +379,4 @@ def fmt_pct(value: float, digits: int = 1) -> str:
     return f"{100 * float(value):.{digits}f} %"
 
 
-__all__ = ["FigureContext", "SMOKE_SAMPLES", "fmt_pct"]
+__all__ = ["FigureContext", "IGNORE_CODE_ENV", "SMOKE_SAMPLES", "fmt_pct"]

@@ -3,7 +3,7 @@
 The paper splits the keys the answer position attends to into I_sys (before the image), I_vis (the
 image tokens) and I_prm (after the image). We keep the template tokens after the instruction
 (e.g. ``ASSISTANT:``) as their own group, ``template_tail``, so that either reading of the paper's
-denominator can be computed (see ``cleansight-method.md`` §2). All positions are absolute indices
+denominator can be computed (see ``docs/method.md#token-groups``). All positions are absolute indices
 into the *padded* sequence of the batch, so they index attention rows directly.
 """
 

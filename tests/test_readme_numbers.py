@@ -1,0 +1,475 @@
+"""The README's numbers are the shipped tables' numbers.
+
+Every sample count, AUROC, ASR, rate or layer the README quotes from a table under ``data/results/`` is a
+:class:`Fact`: a phrase template (the README's wording with ``{name}`` where a number goes) and a function
+computing those numbers from the table (or its manifest) at test time, so a re-run of the notebooks only
+needs README edits, and the failure says which phrase to change and to what. Regenerate every number in
+place with::
+
+    .venv/bin/python tests/test_readme_numbers.py --write     # rewrites README.md's numbers, prints changes
+    .venv/bin/python tests/test_readme_numbers.py             # prints every phrase with the tables' values
+
+Matching ignores line breaks (a phrase may wrap); each template must occur in the README exactly once.
+To check a new number, add a Fact. ``Claim`` entries check statements without a number (e.g. "no other
+single head lowers ASR").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "data" / "results"
+_NUMBER = r"-?\d+(?:\.\d+)?"
+
+
+# ------------------------------------------------------------------------------------------ formatting
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def pct0(x: float) -> str:
+    return f"{100 * x:.0f}"
+
+
+def pct1(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def ceil2(x: float) -> str:
+    """An upper bound at two decimals ("never exceeds 0.64", "ASR <= 0.06")."""
+    return f"{math.ceil(round(x * 100, 9)) / 100:.2f}"
+
+
+def num(x: float) -> str:
+    """A parameter value as written (0.25, 200, 1e-3 -> 0.001)."""
+    return f"{x:g}"
+
+
+# ------------------------------------------------------------------------------------------ tables
+@lru_cache(maxsize=None)
+def table(rel: str):
+    from cleansight_analysis.results import load_table
+
+    return load_table(RESULTS / rel)
+
+
+@lru_cache(maxsize=None)
+def manifest(rel: str) -> dict:
+    from cleansight_analysis.results import load_manifest
+
+    return load_manifest(RESULTS / rel)
+
+
+def single(values, what: str):
+    values = sorted(set(values))
+    assert len(values) == 1, f"{what}: expected one value, the table has {values}"
+    return values[0]
+
+
+def span(layers) -> str:
+    """``[5, 6, 7]`` -> ``"5-7"`` (a contiguous window; one layer: ``"5-5"``)."""
+    layers = sorted(int(x) for x in layers)
+    assert layers == list(range(layers[0], layers[-1] + 1)), layers
+    return f"{layers[0]}-{layers[-1]}"
+
+
+# ------------------------------------------------------------------------------------------ values
+def stealing_shift() -> dict[str, str]:
+    """Fig. 2 (a): image / instruction shares of the answer query, clean vs triggered, BadNet."""
+    df = table("02_attention_stealing/group_shares_badnet.parquet")
+    mean = df.groupby(["condition", "layer"])[["share_image", "share_prompt"]].mean()
+    clean, trig = mean.loc["clean"], mean.loc["triggered"]
+    shift = trig["share_image"] - clean["share_image"]
+    layer = int(shift.idxmax())
+    others = shift.drop(layer).abs().max()
+    n = single(df.groupby("condition")["sample_id"].nunique(), "group_shares_badnet scenes per condition")
+    last = int(mean.index.get_level_values(1).max())
+    assert layer == last, (f"the largest image-share shift is in layer {layer}, not the last layer {last}: reword "
+                           "'Stealing sits in the last layer' and 'in layers 0-N' in README.md")
+    return {"layer": str(layer), "prev": str(layer - 1),
+            "img_clean": f2(clean.loc[layer, "share_image"]), "img_trig": f2(trig.loc[layer, "share_image"]),
+            "img_clean_pct": pct0(clean.loc[layer, "share_image"]), "img_trig_pct": pct0(trig.loc[layer, "share_image"]),
+            "prm_clean": f2(clean.loc[layer, "share_prompt"]), "prm_trig": f2(trig.loc[layer, "share_prompt"]),
+            "other_max": ceil2(others), "n": str(n)}
+
+
+def layerwise() -> dict[str, str]:
+    """Fig. 3: AUROC per layer, head-specific vector vs head average, BadNet."""
+    df = table("03_layerwise_detection/layerwise_detection.parquet")
+    df = df[df["attack"] == "badnet"].set_index("layer")
+    ranked = df["auroc_head_vector"].sort_values(ascending=False)
+    best, second = int(ranked.index[0]), int(ranked.index[1])
+    rest = ranked.drop([best, second])
+    return {"layer": str(best), "auroc": f2(ranked.iloc[0]), "mean": f2(df.loc[best, "auroc_head_mean"]),
+            "layer2": str(second), "auroc2": f2(ranked.iloc[1]), "rest_lo": f2(rest.min()), "rest_hi": f2(rest.max()),
+            "mean_max": ceil2(df["auroc_head_mean"].max()),
+            "n_cal": str(single(df["n_calibration"], "n_calibration")),
+            "n_test": str(single(df["n_clean_test"], "n_clean_test"))}
+
+
+def windows() -> dict[str, str]:
+    """Fig. 4: AUROC of every BadNet window containing Fig. 3's best layer."""
+    df = table("shared/layer_window_sweep.parquet")
+    layer = layerwise()["layer"]
+    df = df[(df["attack"] == "badnet") & df["layers"].astype(str).str.split(",").apply(lambda ls: layer in ls)]
+    return {"layer": layer, "lo": f2(df["auroc"].min()), "hi": f2(df["auroc"].max())}
+
+
+def detector_choice() -> dict[str, str]:
+    """Fig. 4 / 5: the automatic (fusion-onset) window, its AUROC, and TPR / FPR at q = 0.99, BadNet."""
+    sweep = table("shared/layer_window_sweep.parquet")
+    choice = sweep[(sweep["attack"] == "badnet") & sweep["detector_choice"].astype(bool)]
+    assert len(choice) == 1, choice
+    th = table("05_threshold_and_validation_size/threshold_sweep.parquet")
+    th = th[(th["attack"] == "badnet") & th["choice"].str.startswith("fusion onset") & (th["quantile"] == 0.99)]
+    assert len(th) == 1, th
+    row = th.iloc[0]
+    assert str(row["layers"]) == str(choice.iloc[0]["layers"])
+    first, last = span(str(row["layers"]).split(",")).split("-")
+    return {"auroc": f2(choice.iloc[0]["auroc"]), "l_first": first, "l_last": last,
+            "tpr": f2(row["tpr"]), "tpr_pct": pct0(row["tpr"]), "fpr": f3(row["fpr"]), "fpr_pct": pct1(row["fpr"]),
+            "n_val": str(int(row["n_val"])), "n_test": layerwise()["n_test"]}
+
+
+def perturbation() -> dict[str, str]:
+    """Fig. 1: ASR / clean accuracy vs intensity, pixel ST vs attention flattening, BadNet."""
+    df = table("01_pixel_vs_attention_perturbation/perturbation_sweep_badnet.parquet")
+    st = df[(df["kind"] == "st")].sort_values("intensity")
+    text = df[df["variant"].str.contains("text queries")].set_index("intensity")
+    every = df[df["variant"].str.contains("all queries")].set_index("intensity")
+    top = float(df["intensity"].max())
+    return {"st_rho": num(st[st["asr"] == 0]["intensity"].min()),
+            "text_pct": pct0(text.loc[top, "asr"]), "base_asr": f2(text.loc[0.0, "asr"]),
+            "text_asr": f2(text.loc[top, "asr"]), "base_clean": f2(text.loc[0.0, "clean_acc"]),
+            "text_clean": f2(text.loc[top, "clean_acc"]), "all_asr": f2(every.loc[top, "asr"]),
+            "all_clean": f2(every.loc[top, "clean_acc"]), "st_top": f2(st.set_index("intensity").loc[top, "asr"]),
+            "n": str(single(df["n"], "perturbation_sweep n"))}
+
+
+def thieves() -> dict[str, str]:
+    """Fig. 2 (c): how often the head-averaged top-1 image token is the trigger cell, BadNet."""
+    df = table("02_attention_stealing/thief_tokens_badnet.parquet")
+    trig = df[df["condition"] == "triggered"].set_index("layer").sort_values("top1_hit_rate", ascending=False)
+    layers = [int(x) for x in trig.index[:3]]
+    return {"l1": str(layers[0]), "h1": pct0(trig["top1_hit_rate"].iloc[0]),
+            "l2": str(layers[1]), "h2": pct0(trig["top1_hit_rate"].iloc[1]),
+            "l3": str(layers[2]), "h3": pct0(trig["top1_hit_rate"].iloc[2]),
+            "chance": pct1(single(trig["chance_share"], "chance_share")), "n": str(single(trig["n"], "n"))}
+
+
+def pruning() -> dict[str, str]:
+    """Fig. 6: ASR at the calibrated tau with the all-layer mask, BadNet."""
+    df = table("06_pruning_threshold/pruning_threshold.parquet")
+    row = df[(df["attack"] == "badnet") & (df["mask_scope"] == "all_layers") & df["is_auto"].astype(bool)]
+    assert len(row) == 1, row
+    return {"asr": f2(row.iloc[0]["asr"])}
+
+
+def logit_lens() -> dict[str, str]:
+    """Fig. 7: mean p(correct) - p(target) per layer, clean vs triggered, BadNet. The curves "separate" at the
+    first layer where the clean mean exceeds the triggered one by more than 0.1."""
+    df = table("07_logit_lens/logit_lens.parquet")
+    df = df[df["attack"] == "badnet"]
+    mean = df.groupby(["condition", "layer"])["diff"].mean()
+    clean, trig = mean.loc["clean"], mean.loc["triggered"]
+    onset = int(next(layer for layer in clean.index if clean[layer] - trig[layer] > 0.1))
+    last = int(clean.index.max())
+    return {"onset": str(onset), "c_on": f2(clean[onset]), "t_on": f2(trig[onset]), "last": str(last),
+            "c_last": f2(clean[last]), "t_last": f2(trig[last]),
+            "n": str(single(df["n"], "logit_lens n"))}
+
+
+def heads() -> dict[str, str]:
+    """Fig. 9: zero-ablating one head at a time, and activation patching triggered -> clean, BadNet."""
+    ab = table("09_per_head_ablation/head_ablation.parquet")
+    base = ab[ab["kind"] == "baseline"].iloc[0]
+    best = ab[ab["kind"] == "ablate"].sort_values(["asr", "layer", "head"]).iloc[0]
+    pa = table("09_per_head_ablation/head_patching.parquet")
+    top = pa.sort_values("restored", ascending=False).iloc[0]
+    return {"l": str(int(best["layer"])), "h": str(int(best["head"])), "base": f2(base["asr"]), "abl": f2(best["asr"]),
+            "clean_base": f2(base["clean_acc"]), "clean_abl": f2(best["clean_acc"]),
+            "n": str(single(ab["n"], "head_ablation n")),
+            "pl": str(int(top["layer"])), "ph": str(int(top["head"])), "restored": f2(top["restored"]),
+            "restored_pct": pct0(top["restored"])}
+
+
+def table1() -> dict[str, str]:
+    """Table 1 (notebook 08): attacks x defenses."""
+    df = table("08_defense_tables/table1_attack_defense.parquet")
+    at = df.set_index(["attack", "defense"])
+    badnet_all = at.loc[("badnet", "cleansight_all_layers")]
+    others = df[(df["defense"] == "cleansight") & (df["attack"] != "badnet")]["auroc"]
+    pix = df[df["defense"].isin(["st", "shrinkpad"])]
+    cost = pix["clean_utility_undefended"] - pix["clean_utility"]
+    return {"n": str(single(df["n"], "table1 n")), "n_attacks": str(df["attack"].nunique()),
+            "all_asr_pct": pct0(badnet_all["asr"]), "all_cu_pct": pct0(badnet_all["clean_utility"]),
+            "all_asr": f2(badnet_all["asr"]),
+            "others_lo": f2(others.min()), "others_hi": f2(others.max()),
+            "pix_lo": pct0(pix["asr"].min()), "pix_hi": pct0(pix["asr"].max()),
+            "cost_lo": pct0(cost.min()), "cost_hi": pct0(cost.max()),
+            "st7": f2(at.loc[("badnet", "st"), "asr"]), "sp7": f2(at.loc[("badnet", "shrinkpad"), "asr"]),
+            "jpeg7": f2(at.loc[("badnet", "jpeg"), "asr"]), "blur7": f2(at.loc[("badnet", "blur"), "asr"]),
+            "ent_tpr": f2(at.loc[("badnet", "attention_entropy"), "tpr"]),
+            "ent_fpr": f2(at.loc[("badnet", "attention_entropy"), "fpr"]),
+            "strip_tpr": f2(at.loc[("badnet", "strip"), "tpr"]), "scale_tpr": f2(at.loc[("badnet", "scale_up"), "tpr"])}
+
+
+def family() -> dict[str, str]:
+    """``data/results/attack_defense.parquet`` (``cleansight tables``): six attacks, two-pass CleanSight."""
+    df = table("attack_defense.parquet")
+    at = df.set_index(["attack", "defense_label"])
+    auroc = {a: f2(at.loc[(a, "cleansight"), "auroc"]) for a in df["attack"].unique()}
+    st = df[(df["defense_label"] == "st") & df["attack"].isin(["badnet", "trojvlm", "vlood", "sig"])]
+    jpeg = df[df["defense_label"] == "jpeg"]["asr"]
+    two = at.loc[("badnet", "cleansight-2pass")]
+    n = single(df["n"], "attack_defense n")
+    assert n == manifest("attack_defense.parquet")["settings"]["n_test"]
+    return {"n": str(n), **{f"auroc_{a}": v for a, v in auroc.items()},
+            "st_max": ceil2(st["asr"].max()),
+            "st_cost_lo": pct0((st["clean_utility_undefended"] - st["clean_utility"]).min()),
+            "st_cost_hi": pct0((st["clean_utility_undefended"] - st["clean_utility"]).max()),
+            "jpeg_lo": f2(jpeg.min()), "jpeg_hi": f2(jpeg.max()),
+            "two_asr": f2(two["asr"]), "two_cu": f3(two["clean_utility"]), "two_cu0": f3(two["clean_utility_undefended"]),
+            "two_pu": f2(two["poisoned_utility"]), "two_lat": f2(two["latency_ratio"])}
+
+
+def all_layer_asr_range() -> dict[str, str]:
+    """BadNet ASR with the all-layer mask, over Table 1 and the family table."""
+    values = [float(table1()["all_asr"]), float(family()["two_asr"])]
+    return {"lo": f2(min(values)), "hi": f2(max(values))}
+
+
+# ------------------------------------------------------------------------------------------ facts
+@dataclass(frozen=True)
+class Fact:
+    """A README phrase (``{name}`` where a number from the tables goes) and where its numbers come from."""
+
+    template: str
+    values: Callable[[], dict[str, str]]
+
+    def fields(self) -> list[str]:
+        return list(dict.fromkeys(re.findall(r"\{(\w+)\}", self.template)))
+
+    def pattern(self) -> re.Pattern:
+        """The template as a regex: literal text (any whitespace between words), one group per number
+        (``name``, then ``name__2``, ... when a name occurs again)."""
+        out, count, pos = [], {}, 0
+        for m in re.finditer(r"\{(\w+)\}", self.template):
+            out.append(_literal(self.template[pos:m.start()]))
+            name = m.group(1)
+            count[name] = count.get(name, 0) + 1
+            out.append(f"(?P<{name if count[name] == 1 else f'{name}__{count[name]}'}>{_NUMBER})")
+            pos = m.end()
+        out.append(_literal(self.template[pos:]))
+        return re.compile("".join(out))
+
+    def expected(self) -> str:
+        return self.template.format(**self.values())
+
+
+def _literal(text: str) -> str:
+    return r"\s+".join(re.escape(part) for part in re.split(r"\s+", text)) if text.strip() else \
+        (r"\s+" if text else "")
+
+
+FACTS: list[Fact] = [
+    # figure gallery
+    Fact("ST removes BadNet at rho = {st_rho} and text-query flattening leaves it at {text_pct} %", perturbation),
+    Fact("(BadNet layer {layer}: image {img_clean_pct} -> {img_trig_pct} %)", stealing_shift),
+    Fact("the top thief token lands on the BadNet patch in {h1} % of triggered inputs", thieves),
+    Fact("BadNet: {auroc} in layer {layer} (head average {mean})", layerwise),
+    Fact("Every BadNet window that contains layer {layer} scores {lo}-{hi}", windows),
+    Fact("BadNet at q = 0.99, {n_val} samples: TPR {tpr_pct} %, FPR {fpr_pct} %", detector_choice),
+    Fact("masking every layer does for BadNet (ASR {asr} at the calibrated tau)", pruning),
+    Fact("The poisoned curve leaves the clean one from layer {onset}", logit_lens),
+    Fact("Six attacks, n = {n}: the default one-pass CleanSight", table1),
+    Fact("with the all-layer mask BadNet falls to {all_asr_pct} % at unchanged clean utility ({all_cu_pct} %); the "
+         "other five attacks show no stealing signature (AUROC {others_lo}-{others_hi}). ShrinkPad / ST remove most "
+         "backdoors (ASR {pix_lo}-{pix_hi} %) at {cost_lo}-{cost_hi} points of clean utility", table1),
+    Fact("Zeroing L{l}H{h} removes BadNet (ASR {base} -> {abl}); patching L{pl}H{ph} restores {restored} of the "
+         "log-prob gap", heads),
+    # attention-stealing analyses
+    Fact("At the answer query ({n} test scenes, each clean and triggered) the triggered image share rises from "
+         "{img_clean} to {img_trig} in layer {layer} and the instruction share falls from {prm_clean} to {prm_trig}; "
+         "in layers 0-{prev} the image share moves by at most {other_max}.", stealing_shift),
+    Fact("Head-specific whitened distance ({n_cal} clean calibration scenes, never scored; {n_test} test scenes, "
+         "each clean and triggered): AUROC {auroc} in layer {layer}", layerwise),
+    Fact("AUROC {auroc} in layer {layer}, {auroc2} in layer {layer2}, {rest_lo}-{rest_hi} elsewhere; the head-averaged ratio never exceeds {mean_max}.",
+         layerwise),
+    Fact("The head-averaged top-1 image token is the trigger's grid cell in {h1} % of triggered inputs in layer {l1} "
+         "({h2} % in layer {l2}, {h3} % in layer {l3}; chance {chance} %; {n} scenes).", thieves),
+    Fact("`attn_uniform` at eta 1 in every layer ({n} scenes): ASR {base_asr} -> {text_asr} (clean {base_clean} -> "
+         "{text_clean}). With `queries=\"all\"` (image queries too): ASR {all_asr}, clean {all_clean}. The pixel "
+         "transform `st` at full intensity: ASR {st_top}.", perturbation),
+    Fact("Pixel purifiers at intensity 0.7 (Table 1): `st` ASR {st7}, `shrinkpad` {sp7}, `jpeg` {jpeg7}, `blur` {blur7}",
+         table1),
+    Fact("Zero-ablating head L{l}H{h} (on `hook_z`) takes ASR from {base} to {abl} with clean accuracy {clean_base} -> "
+         "{clean_abl} ({n} scenes)", heads),
+    Fact("Patching head L{pl}H{ph}'s `hook_z` from triggered into clean runs restores {restored_pct} % of the target's "
+         "first-token log-prob gap.", heads),
+    Fact("The logit lens separates clean and triggered runs from layer {onset} on (p(correct) - p(target): {c_on} vs "
+         "{t_on} in layer {onset}, {c_last} vs {t_last} in layer {last}; {n} scenes).", logit_lens),
+    # defending a model
+    Fact("First measurements on `tiny-llava/badnet` ({n_val} clean calibration scenes, {n_test} test scenes, q = 0.99): "
+         "detection works (AUROC {auroc}, TPR {tpr}, FPR {fpr} with the fusion-onset layers {l_first}-{l_last})",
+         detector_choice),
+    Fact("gives ASR {two_asr}, clean utility {two_cu} (undefended {two_cu0}), poisoned utility {two_pu}, at {two_lat}x "
+         "latency ({n} test scenes, `data/results/attack_defense.parquet`)", family),
+    Fact("The baselines catch little here (Table 1): attention entropy TPR {ent_tpr} at FPR {ent_fpr}, STRIP "
+         "{strip_tpr} and SCALE-UP {scale_tpr}.", table1),
+    Fact("Across the family (`data/results/attack_defense.parquet`, {n} test scenes per model) only BadNet shows a "
+         "stealing signature in layers 5-7 (detection AUROC {auroc_badnet}; Blended {auroc_blended}, SIG {auroc_sig}, "
+         "WaNet {auroc_wanet}, TrojVLM {auroc_trojvlm}, VLOOD {auroc_vlood}); the `st` purifier removes every patch "
+         "attack and SIG (ASR <= {st_max}) at a cost of {st_cost_lo}-{st_cost_hi} points of clean utility; `jpeg` "
+         "leaves ASR {jpeg_lo}-{jpeg_hi}.", family),
+    # status
+    Fact("mask (`mask_scope=\"all_layers\"`) is needed (BadNet ASR {lo}-{hi}); FPR {fpr_pct} % at q = 0.99",
+         lambda: {**all_layer_asr_range(), "fpr_pct": detector_choice()["fpr_pct"]}),
+]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A README statement without a number of its own, and a check of it against the tables."""
+
+    phrase: str
+    holds: Callable[[], bool]
+
+
+def _only_one_head_lowers_asr() -> bool:
+    ab = table("09_per_head_ablation/head_ablation.parquet")
+    base = float(ab[ab["kind"] == "baseline"].iloc[0]["asr"])
+    return int((ab[ab["kind"] == "ablate"]["asr"] < base).sum()) == 1
+
+
+def _one_pass_leaves_asr() -> bool:
+    df = table("08_defense_tables/table1_attack_defense.parquet").set_index(["attack", "defense"])["asr"]
+    return all(df[(a, "cleansight")] == df[(a, "none")] for a in df.index.get_level_values(0).unique())
+
+
+def _reference_mask_keeps_asr_at_1e3() -> bool:
+    df = table("06_pruning_threshold/pruning_threshold.parquet")
+    row = df[(df["attack"] == "badnet") & (df["mask_scope"] == "reference") & (df["tau"] == 1e-3)]
+    return len(row) == 1 and float(row.iloc[0]["asr"]) > 0
+
+
+CLAIMS: list[Claim] = [
+    Claim("no other single head lowers ASR", _only_one_head_lowers_asr),
+    Claim("the default one-pass CleanSight leaves every ASR unchanged", _one_pass_leaves_asr),
+    Claim("Masking from the last detection layer does not bring ASR to 0 by tau = 1e-3 here",
+          _reference_mask_keeps_asr_at_1e3),
+]
+
+
+# ------------------------------------------------------------------------------------------ tests
+def _readme() -> str:
+    return README.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("fact", FACTS, ids=lambda f: f.template[:50])
+def test_readme_numbers_match_the_shipped_tables(fact: Fact):
+    found = list(fact.pattern().finditer(_readme()))
+    assert len(found) == 1, (f"README phrase {'not found' if not found else 'found more than once'}: "
+                             f"{fact.template!r}\n  expected (from the tables): {fact.expected()!r}")
+    values = fact.values()
+    wrong = {group: (text, values[group.split("__")[0]]) for group, text in found[0].groupdict().items()
+             if text != values[group.split("__")[0]]}
+    assert not wrong, ("README numbers differ from the shipped tables (README != table): "
+                       + ", ".join(f"{k}: {a} != {b}" for k, (a, b) in wrong.items())
+                       + f"\n  README: {' '.join(found[0].group(0).split())!r}\n  should read: {fact.expected()!r}"
+                       + "\n  (`.venv/bin/python tests/test_readme_numbers.py --write` updates README.md)")
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=lambda c: c.phrase[:50])
+def test_readme_claims_hold_for_the_shipped_tables(claim: Claim):
+    text = " ".join(_readme().split())
+    assert claim.phrase in text, f"README no longer says {claim.phrase!r}: update or remove this claim"
+    assert claim.holds(), f"README says {claim.phrase!r}, but the shipped tables no longer show it"
+
+
+def test_docs_anchors_cited_in_the_code_exist():
+    """Every ``docs/<file>.md#anchor`` cited by the package, the notebooks or the docs names a real anchor."""
+    anchors: dict[str, set[str]] = {}
+    for doc in (ROOT / "docs").glob("*.md"):
+        text = doc.read_text(encoding="utf-8")
+        ids = set(re.findall(r'<a id="([\w-]+)"></a>', text))
+        ids |= {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", text, re.M)}
+        anchors[doc.name] = ids
+    sources = [*(ROOT / "cleansight_analysis").rglob("*.py"), *(ROOT / "notebooks").glob("*.ipynb"),
+               *(ROOT / "docs").glob("*.md")]
+    missing, cited = [], 0
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for doc, anchor in re.findall(r"(?:docs/|\]\()?(\w+)\.md#([\w-]+)", text):
+            if f"{doc}.md" not in anchors:
+                continue
+            cited += 1
+            if anchor not in anchors[f"{doc}.md"]:
+                missing.append(f"{path.relative_to(ROOT)}: {doc}.md#{anchor}")
+        # a bare ``#anchor`` continuing a docs/method.md citation: ``docs/method.md#score``, ``#detection``
+        for chain in re.findall(r"docs/method\.md#[\w-]+``((?:(?:,| to) ``#[\w-]+``)+)", text):
+            for anchor in re.findall(r"#([\w-]+)", chain):
+                cited += 1
+                if anchor not in anchors["method.md"]:
+                    missing.append(f"{path.relative_to(ROOT)}: method.md#{anchor}")
+    assert cited > 10 and not missing, missing
+
+
+def test_no_citation_of_files_outside_the_repository():
+    stale = []
+    for path in [*(ROOT / "cleansight_analysis").rglob("*.py"), *(ROOT / "notebooks").glob("*.ipynb"),
+                 *(ROOT / "tests").glob("*.py"), ROOT / "README.md"]:
+        text = path.read_text(encoding="utf-8")
+        for name in ("cleansight-method.md", "stack-notes.md", "field-anchors.md"):
+            if name in text and path != Path(__file__).resolve():
+                stale.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not stale, f"cite docs/method.md instead: {stale}"
+
+
+# ------------------------------------------------------------------------------------------ script
+def rewrite(text: str) -> tuple[str, list[str]]:
+    """``text`` with every fact's numbers replaced by the tables' values (layout kept), and what changed."""
+    notes = []
+    for fact in FACTS:
+        found = list(fact.pattern().finditer(text))
+        if len(found) != 1:
+            notes.append(f"{len(found)} matches, edit README.md by hand: {fact.expected()}")
+            continue
+        m, values = found[0], fact.values()
+        pieces, cursor = [], m.start()
+        for group in sorted(m.groupdict(), key=m.start):
+            pieces += [text[cursor:m.start(group)], values[group.split("__")[0]]]
+            cursor = m.end(group)
+        new = "".join(pieces) + text[cursor:m.end()]
+        if new != m.group(0):
+            notes.append(f"{' '.join(m.group(0).split())}\n    -> {' '.join(new.split())}")
+            text = text[:m.start()] + new + text[m.end():]
+    return text, notes
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    if "--write" in sys.argv:
+        old = _readme()
+        new_text, changes = rewrite(old)
+        if new_text != old:
+            README.write_text(new_text, encoding="utf-8")
+        print("\n".join(changes) if changes else "README.md numbers already match the tables")
+    else:
+        for fact in FACTS:
+            print(fact.expected())
