@@ -27,7 +27,7 @@ def configure_environment() -> None:
     if threads is None and (os.cpu_count() or 1) <= 4:
         threads = "1"
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+    import torch  # lazy on purpose: the environment above must be set before torch is first imported
 
     if threads is not None:
         try:

@@ -212,7 +212,7 @@ def short(fingerprint: Any, n: int = 12) -> str:
 
 def build_manifest(*, model: Any = None, settings: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A JSON-serialisable manifest: what ran, on what, with which versions (paths made :func:`portable`)."""
-    import torch
+    import torch  # lazy: provenance helpers are imported before torch by tools that never load a model
 
     manifest: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -83,8 +86,6 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
     if results_dir is None:
         results_dir = (output_dir.parent / "results-smoke") if smoke else (notebook_dir.parent / "data" / "results")
     if recompute:  # tables made before now are redone; one shared by several notebooks only once
-        from datetime import datetime, timezone
-
         recompute = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
     params = {"smoke": smoke, "figures_dir": str(Path(figures_dir).resolve()), "recompute": recompute,
               "results_dir": str(Path(results_dir).resolve()), **(parameters or {})}
@@ -107,8 +108,6 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
             records.append(_execute(*task))
             log(f"  done in {records[-1]['seconds']:.1f} s -> {records[-1]['output']}")
         return records
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     log(f"running {len(tasks)} notebooks, {jobs} at a time (smoke={smoke}, recompute={recompute}) ...")
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 import os
+import re
 import shutil
+import zlib
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import InputError
 from .manifest import build_manifest
@@ -51,7 +57,6 @@ def save_table(df: Any, out_dir: str | Path, name: str, *, fmt: str = "auto", mo
     ``settings`` may be a dataclass, a dict or None; ``attack`` an attack object (its ``to_dict()`` is
     recorded) or a name.
     """
-    from dataclasses import asdict, is_dataclass
 
     if not name or "/" in name:
         raise InputError(f"table name must be a plain file stem, got {name!r}")
@@ -170,7 +175,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _flat_cells(df: Any) -> Any:
     """Array- or list-valued cells (e.g. an attention map per row) as JSON text, so any format holds them."""
-    import numpy as np
 
     out = df
     for col in df.columns:
@@ -185,7 +189,6 @@ def _flat_cells(df: Any) -> Any:
 def array_cell(value: Any, dtype: Any = float) -> Any:
     """An array-valued cell as ``numpy.ndarray``, fresh (array / list) or reloaded from disk (the JSON text
     :func:`save_table` wrote); ``None``, NaN and JSON ``null`` give ``None``."""
-    import numpy as np
 
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
@@ -238,3 +241,56 @@ def load_manifest(table: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise InputError(f"manifest {path} holds a JSON {type(manifest).__name__}, not an object")
     return manifest
+
+
+# ------------------------------------------------------------------ figures
+def save_figure(fig, path_stem: str | Path) -> list[Path]:
+    """Save ``fig`` as ``<path_stem>.png`` and ``<path_stem>.pdf``; returns both paths.
+
+    A file whose drawing is unchanged is left as it is on disk, so re-running a notebook on unchanged
+    tables leaves the gallery (and ``git status``) untouched: PNGs are compared byte for byte, PDFs by
+    their content (:func:`pdf_content`): coordinates at 0.01 pt and the sign of zero ignored, which is
+    the float noise that differs between CPUs (FMA / SIMD kernels) in float32 results and in matplotlib's
+    transforms.
+    """
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    for p in paths:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=p.suffix[1:], metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+        data = buffer.getvalue()
+        if p.is_file():
+            old = p.read_bytes()
+            if old == data or (p.suffix == ".pdf" and pdf_content(old) == pdf_content(data)):
+                continue
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(p)
+    return paths
+
+
+def pdf_content(data: bytes) -> list[bytes]:
+    """The streams of a PDF (decompressed), decimal numbers rounded to 0.01 and signed zeros written as
+    zeros: what a reader draws.
+
+    Args:
+        data: the bytes of a PDF file written by matplotlib.
+    Returns:
+        one entry per stream (page contents, fonts, images), in file order.
+    """
+    out = []
+    for match in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", data, flags=re.S):
+        body = match.group(1)
+        try:
+            body = zlib.decompress(body)
+        except zlib.error:
+            pass
+        out.append(re.sub(rb"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])", _coarse_number, body))
+    return out
+
+
+def _coarse_number(match: Any) -> bytes:
+    """A PDF coordinate at 0.01 pt (1/7200 inch, far below what any viewer draws); ``-0`` -> ``0``."""
+    value = round(float(match.group(0)), 2)
+    return b"%.2f" % (value + 0.0)  # + 0.0 turns -0.0 into 0.0

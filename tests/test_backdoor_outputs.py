@@ -230,6 +230,7 @@ def test_resumed_run_equals_uninterrupted(base, samples, interrupted, tmp_path):
 
 
 def test_tiny_build_resumes_an_interrupted_member(base, tmp_path, monkeypatch):
+    from cleansight_analysis.training import family as family_module
     from cleansight_analysis.training.family import BackdoorSpec, build_backdoor, family_root
 
     root = family_root(tmp_path)
@@ -238,13 +239,13 @@ def test_tiny_build_resumes_an_interrupted_member(base, tmp_path, monkeypatch):
     recipe = replace(TINY, backdoor_steps=4, backdoor_train_n=16)
     spec = BackdoorSpec("badnet", "badnet", {"size": 4}, modes=("adapter",))
     real_settings = backdoor_module.BackdoorSettings
-    monkeypatch.setattr(backdoor_module, "BackdoorSettings", lambda **kw: real_settings(**{"checkpoint_every": 1, **kw}))
+    monkeypatch.setattr(family_module, "BackdoorSettings", lambda **kw: real_settings(**{"checkpoint_every": 1, **kw}))
     interrupt_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         build_backdoor(spec, recipe, tmp_path)
     assert (root / ".badnet-adapter" / ".checkpoint").is_dir()
     monkeypatch.undo()
-    monkeypatch.setattr(backdoor_module, "BackdoorSettings", lambda **kw: real_settings(**{"checkpoint_every": 1, **kw}))
+    monkeypatch.setattr(family_module, "BackdoorSettings", lambda **kw: real_settings(**{"checkpoint_every": 1, **kw}))
     card = build_backdoor(spec, recipe, tmp_path)
     assert card["training"]["resumed_from_step"] == 2 and card["metrics"]["attempts"][0]["mode"] == "adapter"
     assert not (root / ".badnet-adapter").exists() and (root / "badnet" / "delta.safetensors").is_file()

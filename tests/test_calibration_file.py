@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cleansight_analysis as cs
-from cleansight_analysis.defenses.cleansight import FILE_VERSION, CleanSight
+from cleansight_analysis.defenses.cleansight import FILE_VERSION, CleanSight, CleanSightConfig
 from cleansight_analysis.errors import CalibrationError, InputError
 from cleansight_analysis.models import tiny
 from cleansight_analysis.models.fingerprint import weights_fingerprint
@@ -23,8 +23,10 @@ from test_cleansight import _batch, _samples
 
 @pytest.fixture(scope="module")
 def fitted(llava):
-    """Layers [1, 2] of the tiny random LLaVA (D = 2 x 4 = 8), 10 clean samples, tau="auto"."""
-    return CleanSight(layers=[1, 2]).fit(llava, _samples(10))
+    """Layers [1, 2] of the tiny random LLaVA (D = 2 x 4 = 8: feature "ratio", diagonal whitening: mu and sigma are
+    the whole calibration), 10 clean samples, tau="auto", the default cross-fitted threshold."""
+    config = CleanSightConfig(layers=[1, 2], feature="ratio", whitening="diagonal")
+    return CleanSight(config=config).fit(llava, _samples(10))
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,14 @@ CASES = {
     "config key missing": (_delete("config", "mask_scope"), r"missing key 'config\.mask_scope'"),
     "config quantile NaN": (_set("config", "quantile", value=float("nan")), r"config: .*quantile=nan"),
     "old version": (_set("version", value=1), r"version=1 .*before weight fingerprints.*recalibrate"),
+    "version 2": (_set("version", value=2), r"version=2 .*before the detector settings.*recalibrate"),
+    "feature unknown": (_set("calibration", "feature", value="entropy"), r"calibration\.feature='entropy'"),
+    "config.feature disagrees": (_set("config", "feature", value="log_ratio"), r"config\.feature='log_ratio' disagrees"),
+    "threshold_fit missing": (_delete("calibration", "threshold_fit"), r"missing key 'calibration\.threshold_fit'"),
+    "matrix without ledoit_wolf": (_set("calibration", "matrix", value=[[1.0]]),
+                                   r"calibration\.whitening='diagonal' takes no key 'calibration\.matrix'"),
+    "masses need 2 values per head": (_set("calibration", "feature", value="masses"),
+                                      r"calibration\.mu has 8 values; .*2 values per head.*= 16"),
     "summary model disagrees": (_set("model", "name", value="other"), r"model=.*'other'.* disagrees"),
     "unknown key": (_set("calibration", "gama", value=1.0), r"calibration has unknown key\(s\) \['gama'\]"),
 }
@@ -194,4 +204,4 @@ def test_fingerprint_cache_follows_in_place_edits(fresh):
 
 
 def test_file_version(saved):
-    assert json.loads(saved.read_text())["version"] == FILE_VERSION == 2
+    assert json.loads(saved.read_text())["version"] == FILE_VERSION == 3

@@ -15,8 +15,8 @@ from cleansight_analysis.defenses.cleansight import (
     MASK_SCOPES,
     CleanSight,
     CleanSightConfig,
-    whitened_distance,
 )
+from cleansight_analysis.detection import whitened_distance
 from cleansight_analysis.defenses.layers import fusion_onset_profile, select_detection_layers
 from cleansight_analysis.errors import InputError
 from conftest import noise_image
@@ -36,8 +36,9 @@ def _batch(model, samples):
 
 @pytest.fixture(scope="module")
 def fitted(llava):
-    """CleanSight on the tiny random LLaVA, layers [1, 2] (D = 8), 12 clean samples, tiny fixed tau."""
-    return CleanSight(layers=[1, 2], tau=1e-4).fit(llava, _samples(12))
+    """The paper's CleanSight (ratio, diagonal, in-sample gamma) on the tiny random LLaVA, layers [1, 2] (D = 8),
+    12 clean samples, tiny fixed tau: the hand computations below are the paper's formulas."""
+    return CleanSight(config=CleanSightConfig.paper(layers=[1, 2], tau=1e-4)).fit(llava, _samples(12))
 
 
 def _force_flags(defense: CleanSight, model, batch, flagged: list[int]) -> CleanSight:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cleansight_analysis.defenses.cleansight import CleanSight, CleanSightConfig, stealing_ratio, whitened_distance
+from cleansight_analysis.defenses.cleansight import CleanSight, CleanSightConfig
+from cleansight_analysis.detection import whitened_distance
 from cleansight_analysis.errors import InputError
 from test_cleansight import _batch, _samples
 from tolerances import distance_atol, ratio_rtol
@@ -19,7 +20,15 @@ N_TOK = 4
 
 @pytest.fixture(scope="module")
 def gen_fitted(llava):
-    return CleanSight(layers=LAYERS, tau=1e-4, query="generated", calibration_tokens=N_TOK).fit(llava, _samples(10))
+    """The paper's detector (ratio, diagonal, in-sample threshold): the hand computations below are its formulas."""
+    config = CleanSightConfig.paper(layers=LAYERS, tau=1e-4, query="generated", calibration_tokens=N_TOK)
+    return CleanSight(config=config).fit(llava, _samples(10))
+
+
+def stealing_ratio(rows, img, txt, eps):
+    """``S`` ``[B, H]`` by hand from rows ``[B, H, K]`` and key masks ``[B, K]``."""
+    rows = rows.double()
+    return (rows * img[:, None, :]).sum(-1) / ((rows * txt[:, None, :]).sum(-1) + eps)
 
 
 def _ratios_from_rows(llava, batch, steps):

@@ -70,7 +70,7 @@ def test_layerwise_auroc_calibrates_on_the_calibration_rows_only(inputs):
     assert vec[1] == pytest.approx(1.0)
     assert abs(vec[0] - 0.5) < 0.3 and abs(vec[2] - 0.5) < 0.3   # no signal: near chance
     # the single-layer windows of the harness sweep are the same detector: identical AUROCs
-    sweep = layer_window_sweep(rows, lengths=[1]).set_index("start")["auroc"]
+    sweep = layer_window_sweep(rows, lengths=[1], settings=det.figure_detector()).set_index("start")["auroc"]
     np.testing.assert_allclose(vec.to_numpy(), sweep.loc[[0, 1, 2]].to_numpy(), rtol=0, atol=1e-12)
 
 

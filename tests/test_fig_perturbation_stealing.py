@@ -126,7 +126,7 @@ def test_perturbation_table_shares_one_baseline_and_routes_settings(monkeypatch)
                  "n": len(samples)} for p in sorted(points)]
         return pd.DataFrame(rows)
 
-    monkeypatch.setattr("cleansight_analysis.evaluation.intervention_sweeps.perturbation_sweep", fake_sweep)
+    monkeypatch.setattr(xp, "perturbation_sweep", fake_sweep)  # the name experiments.perturbation calls
     ctx = FakeCtx(n=4, seed=7)
     table = xp.perturbation_table(ctx, "badnet", [0.0, 0.5, 1.0])
     assert list(table.columns) == list(xp.PERTURBATION_COLUMNS)

@@ -142,15 +142,13 @@ def test_explicit_undefended_runs_are_checked_and_reused():
 
 
 def test_grid_loads_each_model_once(monkeypatch):
-    import cleansight_analysis
-
     loads = []
 
     def fake_load(spec, device=None, **kw):
         loads.append(spec)
         return CountingModel(spec)
 
-    monkeypatch.setattr(cleansight_analysis, "load_lvlm", fake_load)
+    monkeypatch.setattr(G, "load_lvlm", fake_load)  # the name evaluation.grid loads models with
     table = G.attack_defense_table({"badnet": "tiny-llava/badnet", "blended": "tiny-llava/blended"},
                                    ["none", "jpeg", "st"], layout="long", samples=_samples(), val_samples=_samples(3),
                                    batch_size=4, progress=False, warmup=False)

@@ -197,29 +197,45 @@ def _table(n_cal=40, n_test=30, layers=4, heads=2, separable_layer=2, seed=0):
     return pd.DataFrame(rows, columns=["sample_id", "condition", "layer", "head", "ratio"])
 
 
+def _ratio_settings(**changes):
+    """The hand-built tables carry ratios only (no group masses): the ratio feature, diagonal whitening."""
+    from cleansight_analysis.detection import DetectorSettings
+
+    return DetectorSettings(**{"feature": "ratio", "whitening": "diagonal", **changes})
+
+
 def test_quantile_sweep_monotone_and_exact_at_q1():
     table = _table()
     q = (0.5, 0.8, 0.9, 0.99, 1.0)
-    out = W.quantile_sweep(table, layers=[2], quantiles=q)
+    out = W.quantile_sweep(table, layers=[2], quantiles=q, settings=_ratio_settings())
     assert list(out["quantile"]) == list(q) and (out["n_val"] == 40).all()
     assert np.all(np.diff(out["fpr"]) <= 0) and np.all(np.diff(out["tpr"]) <= 0)
     assert np.all(np.diff(out["threshold"]) >= 0)
     assert (out["tpr"] == 1.0).all()                     # shift 10 sigma on layer 2
     assert out["fpr"].iloc[0] > out["fpr"].iloc[-1]
     with pytest.raises(InputError):
-        W.quantile_sweep(table, quantiles=(1.5,))
+        W.quantile_sweep(table, quantiles=(1.5,), settings=_ratio_settings())
+    with pytest.raises(InputError, match="feature='log_ratio' needs the columns"):
+        W.quantile_sweep(table, quantiles=q, settings=_ratio_settings(feature="log_ratio"))
 
 
 def test_val_size_sweep_shapes_and_single_sample():
-    out = W.val_size_sweep(_table(), layers=[2], sizes=(1, 5, 40, 500), repeats=3)
+    from cleansight_analysis.detection import DetectorSettings
+
+    paper = DetectorSettings.paper()  # in-sample threshold: one calibration sample is enough to fit
+    out = W.val_size_sweep(_table(), layers=[2], sizes=(1, 5, 40, 500), repeats=3, settings=paper)
     assert sorted(out["n_val"].unique()) == [1, 5, 40]       # 500 > 40 calibration samples: skipped
     assert (out.groupby("n_val").size().to_dict() == {1: 3, 5: 3, 40: 1})
     one = out[out["n_val"] == 1]
     assert (one["fpr"] == 1.0).all() and (one["threshold"] == 0.0).all()  # gamma = 0: everything flagged
+    # cross-fitting needs 3 samples (each fold's whitening is fitted on >= 2 others): 1 and 2 are skipped
+    cross = W.val_size_sweep(_table(), layers=[2], sizes=(1, 2, 3, 40), repeats=2,
+                             settings=_ratio_settings(threshold_fit="cross_fit"))
+    assert sorted(cross["n_val"].unique()) == [3, 40]
 
 
 def test_layer_window_sweep_finds_the_separable_layer():
-    out = W.layer_window_sweep(_table(), lengths=(1, 2))
+    out = W.layer_window_sweep(_table(), lengths=(1, 2), settings=_ratio_settings())
     assert len(out) == 4 + 3                                 # windows that fit in layers 0..3
     by = out.set_index(["start", "length"])["auroc"]
     assert by[(2, 1)] == 1.0 and by[(1, 2)] == 1.0 and by[(2, 2)] == 1.0

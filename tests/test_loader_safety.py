@@ -58,7 +58,7 @@ def no_stdin(monkeypatch):
 @pytest.fixture()
 def registry_copy(monkeypatch):
     """Registrations made by the test are dropped afterwards."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from cleansight_analysis.attention.separability import (
     detector_scores,
     head_separability,
     layer_separability,
-    ledoit_wolf_shrinkage,
 )
 from cleansight_analysis.attention.stealing import (
     HEAD_MEAN,
@@ -289,11 +288,11 @@ def test_whitened_distance_is_the_diagonal_mahalanobis_and_full_handles_singular
     # fewer samples than dimensions and a constant dimension: still finite
     few = np.c_[rng.normal(size=(4, 6)), np.ones(4)]
     assert np.isfinite(WhitenedDistance("full").fit(few).score(rng.normal(size=(3, 7)))).all()
-    try:
-        from sklearn.covariance import ledoit_wolf_shrinkage as sk_lw
-    except ImportError:  # pragma: no cover
-        return
-    assert ledoit_wolf_shrinkage(cal) == pytest.approx(sk_lw(cal), rel=1e-9)
+    # "full" with Ledoit-Wolf: sklearn's shrinkage of the standardised features
+    from sklearn.covariance import ledoit_wolf_shrinkage as sk_lw
+
+    z = (cal - cal.mean(0)) / (cal.std(0) + 1e-8)
+    assert WhitenedDistance("full").fit(cal).shrinkage_ == pytest.approx(sk_lw(z, assume_centered=True), rel=1e-9)
 
 
 def test_head_separability_directions():

@@ -50,6 +50,7 @@ from PIL import Image
 
 from ..errors import AttackError, InputError
 from ..inputs.images import to_rgb_image
+from ..registry import Registry
 
 #: The target phrase of the CleanSight setting.
 DEFAULT_TARGET = "you have been hacked lol"
@@ -568,8 +569,6 @@ class Attack(ABC):
 # Registry
 # --------------------------------------------------------------------------------------------
 
-#: name -> attack class. Filled by ``register_attack`` (the built-in attacks live in ``triggers``).
-ATTACKS: dict[str, type[Attack]] = {}
 #: Alternative spellings accepted by :func:`get_attack`.
 ALIASES = {"badnets": "badnet", "blend": "blended", "warp": "wanet", "warped": "wanet", "trojanvlm": "trojvlm"}
 #: Attacks that are known but not shipped, with the reason.
@@ -581,37 +580,27 @@ UNAVAILABLE = {
     ),
 }
 UNAVAILABLE["ssba"] = UNAVAILABLE["issba"]
+#: name -> attack class (a :class:`~cleansight_analysis.registry.Registry`). Filled by ``register_attack``;
+#: the built-in attacks live in ``triggers``, which the package imports.
+ATTACKS: Registry[type[Attack]] = Registry("attack", error=AttackError,
+                                           normalize=lambda name: name.strip().lower().replace("_", "-"),
+                                           aliases=ALIASES, unavailable=UNAVAILABLE)
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
     """Class decorator adding an :class:`Attack` subclass to :data:`ATTACKS` under ``cls.name``."""
     if not (isinstance(cls, type) and issubclass(cls, Attack)) or not cls.name:
         raise AttackError(f"register_attack: {cls!r} is not an Attack subclass with a name")
-    ATTACKS[cls.name] = cls
-    return cls
-
-
-def _ensure_builtin() -> None:
-    from . import triggers  # noqa: F401  (registers the built-in attacks)
+    return ATTACKS.register(cls.name, cls, overwrite=True)
 
 
 def list_attacks() -> list[str]:
     """Names of the available attacks, in registration order."""
-    _ensure_builtin()
-    return list(ATTACKS)
+    return list(ATTACKS.names())
 
 
 def _lookup(name: Any) -> type[Attack]:
-    _ensure_builtin()
-    if not isinstance(name, str):
-        raise AttackError(f"attack name must be a string, got {type(name).__name__}; known: {', '.join(ATTACKS)}")
-    key = name.strip().lower().replace("_", "-")
-    key = ALIASES.get(key, key)
-    if key in UNAVAILABLE:
-        raise AttackError(f"attack {name!r} is not available: {UNAVAILABLE[key]}. Available: {', '.join(ATTACKS)}")
-    if key not in ATTACKS:
-        raise AttackError(f"unknown attack {name!r}; known attacks: {', '.join(ATTACKS)}")
-    return ATTACKS[key]
+    return ATTACKS.get(name)
 
 
 def list_presets(name: str) -> dict[str, str]:

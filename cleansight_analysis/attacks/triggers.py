@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
@@ -399,9 +401,6 @@ class WaNet(Attack):
 
     def warp_grid(self, size: tuple[int, int]):
         """The sampling grid ``torch.float64 [1, H, W, 2]`` (x, y in [-1, 1]) for ``size = (width, height)``."""
-        import torch
-        import torch.nn.functional as F
-
         w, h = int(size[0]), int(size[1])
         key = ("grid", w, h)
         if key not in self._cache:
@@ -418,9 +417,6 @@ class WaNet(Attack):
         return self._cache[key]
 
     def _render(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        import torch
-        import torch.nn.functional as F
-
         arr = _to_array(image)
         x = torch.from_numpy(arr.astype(np.float64)).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
         out = F.grid_sample(x, self.warp_grid(image.size), mode="bilinear", padding_mode="border",

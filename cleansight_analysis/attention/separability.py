@@ -1,16 +1,21 @@
 """How well the attention-stealing ratio separates triggered from clean inputs (the paper's Fig. 3).
 
-The detector of CleanSight (``cleansight-method.md`` §4) calibrates on clean inputs only and flags an
+The detector of CleanSight (``docs/method.md#detection``) calibrates on clean inputs only and flags an
 input whose ratio vector lies far from the clean ones. Per layer ``l`` each sample has the
 head-specific vector ``r^l = (S^{l,1}, ..., S^{l,H})``; the score is its whitened distance to the
 clean calibration set:
 
 - ``covariance="diagonal"`` (default, the paper and the authors' code): ``d = || (r - mu) / sigma ||_2``
   with ``mu`` and the population ``sigma`` per head (``sigma + eps``, ``eps = 1e-8``);
-- ``covariance="full"``: the Mahalanobis distance under the full head covariance, shrunk towards a
-  scaled identity (``shrinkage="ledoit-wolf"`` by default, or a fixed weight in [0, 1]) plus a ridge
-  ``eps**2`` so that singular covariances (fewer calibration samples than heads, constant heads)
-  still whiten.
+- ``covariance="full"``: the Mahalanobis distance under the covariance of the standardised features,
+  shrunk towards a scaled identity (``shrinkage="ledoit-wolf"`` by default, or a fixed weight in [0, 1]),
+  eigenvalues floored at ``eps**2``, so that singular covariances (fewer calibration samples than heads,
+  constant heads) still whiten.
+
+Both are :class:`cleansight_analysis.detection.Whitener` (``"diagonal"`` / ``"ledoit_wolf"``), the
+distance CleanSight uses; the features come from the same core (:mod:`cleansight_analysis.detection.features`):
+``feature="ratio"`` reads the table's ``ratio`` column (computed by that core), ``"log_ratio"`` and
+``"masses"`` are computed from the ``mass_*`` columns. AUROC is :func:`sklearn.metrics.roc_auc_score`.
 
 Larger distances are "poisoned" (the detector flags ``d > gamma``); triggered inputs are the
 positive class of every AUROC here. The head-averaged scalar ``m^l = mean_h S^{l,h}`` is scored
@@ -28,17 +33,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from ..detection.features import FEATURES, LOG_EPS, MASS_COLUMNS, RATIO_EPS, stealing_features
+from ..detection.whitening import Whitener
 from ..errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 COVARIANCES: tuple[str, ...] = ("diagonal", "full")
-FEATURES: tuple[str, ...] = ("ratio", "log_ratio")
 HEAD_MEAN_SCORES: tuple[str, ...] = ("distance", "signed")
 HEAD_SCORES: tuple[str, ...] = ("ratio", "distance")
-#: Floor inside ``log`` for ``feature="log_ratio"`` (a head may give the image no attention).
-LOG_FLOOR = 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,26 +50,11 @@ LOG_FLOOR = 1e-12
 # ---------------------------------------------------------------------------------------------
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` ``[n]``, ties sharing the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    boundary = np.empty(len(x) + 1, dtype=bool)
-    boundary[0] = boundary[-1] = True
-    boundary[1:-1] = xs[1:] != xs[:-1]
-    edges = np.flatnonzero(boundary)  # start of each tie run, then len(x)
-    run = np.cumsum(boundary[:-1]) - 1  # run index of each sorted element
-    mean_rank = (edges[:-1] + 1 + edges[1:]) / 2.0
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = mean_rank[run]
-    return ranks
-
-
 def auroc(scores: Any, labels: Any) -> float:
     """Area under the ROC curve of ``scores`` ``[n]`` for binary ``labels`` ``[n]`` (1/True = positive).
 
-    Rank-based (Mann-Whitney U): the probability that a random positive scores above a random
-    negative, ties counting one half; equals ``sklearn.metrics.roc_auc_score``.
+    :func:`sklearn.metrics.roc_auc_score` (the probability that a random positive scores above a random
+    negative, ties counting one half) after checking the inputs.
 
     Raises:
         InputError: shapes differ, non-finite scores, labels other than 0/1, or a class is missing.
@@ -93,9 +82,9 @@ def auroc(scores: Any, labels: Any) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise InputError(f"auroc: needs both classes, got {n_pos} positive and {n_neg} negative labels")
-    ranks = _average_ranks(s)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,32 +109,14 @@ def _check_shrinkage(shrinkage: Any, owner: str) -> float | str:
     return float(shrinkage)
 
 
-def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
-    """Ledoit-Wolf weight of the scaled identity for samples ``x`` ``[n, d]`` (centred inside).
-
-    The shrunk covariance is ``(1 - w) S + w (tr S / d) I`` with ``S`` the population covariance.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    xc = x - x.mean(0)
-    x2 = xc ** 2
-    var = x2.sum(0) / n
-    mu = var.sum() / d
-    delta_ = ((xc.T @ xc) ** 2).sum() / n ** 2
-    beta_ = (x2.T @ x2).sum()
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * var.sum() + d * mu ** 2) / d
-    beta = min(beta, delta)
-    return 0.0 if beta <= 0 or delta <= 0 else float(beta / delta)
-
-
-class WhitenedDistance:
-    """Distance of a vector to a clean reference set, after whitening by the set's covariance.
+class WhitenedDistance(Whitener):
+    """:class:`~cleansight_analysis.detection.Whitener` under this module's setting names.
 
     Args:
-        covariance: ``"diagonal"`` (per-dimension population std, the paper's detector) or ``"full"``.
+        covariance: ``"diagonal"`` (per-dimension population std, the paper's detector) or ``"full"``
+            (``Whitener("ledoit_wolf")``: Mahalanobis with a shrunk covariance of the standardised features).
         shrinkage: for ``"full"``: ``"ledoit-wolf"`` or a fixed weight in [0, 1] of the scaled identity.
-        eps: ``"diagonal"``: added to each std; ``"full"``: ``eps**2`` added to the covariance diagonal.
+        eps: added to each std (and ``eps**2`` floors the shrunk eigenvalues).
 
     Use ``WhitenedDistance().fit(x_clean).score(x)`` with ``x`` ``[n, d]``.
     """
@@ -153,56 +124,15 @@ class WhitenedDistance:
     def __init__(self, covariance: str = "diagonal", shrinkage: float | str = "ledoit-wolf", eps: float = 1e-8):
         if covariance not in COVARIANCES:
             raise InputError(f"WhitenedDistance: covariance={covariance!r} must be one of {COVARIANCES}")
+        shrinkage = _check_shrinkage(shrinkage, "WhitenedDistance")
+        super().__init__("diagonal" if covariance == "diagonal" else "ledoit_wolf",
+                         sigma_eps=_check_eps(eps, "WhitenedDistance"),
+                         shrinkage=None if shrinkage == "ledoit-wolf" else float(shrinkage))
         self.covariance = covariance
-        self.shrinkage = _check_shrinkage(shrinkage, "WhitenedDistance")
-        self.eps = _check_eps(eps, "WhitenedDistance")
-        self.mean_: np.ndarray | None = None
-        self.whitener_: np.ndarray | None = None  # [d] (diagonal: 1 / (std + eps)) or [d, d]
-        self.shrinkage_: float | None = None
-
-    @staticmethod
-    def _matrix(x: Any, owner: str) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 1:
-            x = x[:, None]
-        if x.ndim != 2:
-            raise InputError(f"{owner}: expected samples [n, d], got shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise InputError(f"{owner}: features contain NaN or infinite values")
-        return x
-
-    def fit(self, x: Any) -> "WhitenedDistance":
-        """Fit mean and (whitening of the) covariance on clean samples ``x`` ``[n, d]`` (``n >= 2``)."""
-        x = self._matrix(x, "WhitenedDistance.fit")
-        n, d = x.shape
-        if n < 2:
-            raise InputError(f"WhitenedDistance.fit: needs at least 2 calibration samples, got {n}")
-        self.mean_ = x.mean(0)
-        if self.covariance == "diagonal":
-            self.whitener_ = 1.0 / (x.std(0) + self.eps)
-            self.shrinkage_ = None
-            return self
-        xc = x - self.mean_
-        cov = xc.T @ xc / n
-        w = ledoit_wolf_shrinkage(x) if self.shrinkage == "ledoit-wolf" else float(self.shrinkage)
-        target = np.trace(cov) / d
-        cov = (1.0 - w) * cov + w * target * np.eye(d) + self.eps ** 2 * np.eye(d)
-        vals, vecs = np.linalg.eigh(cov)
-        vals = np.clip(vals, self.eps ** 2, None)
-        self.whitener_ = vecs / np.sqrt(vals)[None, :]  # [d, d]: (x - mu) @ W has identity covariance
-        self.shrinkage_ = w
-        return self
 
     def score(self, x: Any) -> np.ndarray:
         """Whitened distance ``[n]`` of each row of ``x`` ``[n, d]`` to the calibration mean."""
-        if self.mean_ is None or self.whitener_ is None:
-            raise InputError("WhitenedDistance.score: call fit() on clean calibration samples first")
-        x = self._matrix(x, "WhitenedDistance.score")
-        if x.shape[1] != len(self.mean_):
-            raise InputError(f"WhitenedDistance.score: {x.shape[1]} features, fitted on {len(self.mean_)}")
-        z = x - self.mean_
-        z = z * self.whitener_ if self.whitener_.ndim == 1 else z @ self.whitener_
-        return np.sqrt((z ** 2).sum(1))
+        return self.distance(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +148,9 @@ class SeparabilitySettings:
         covariance: ``"diagonal"`` (default; the paper's per-head std) or ``"full"`` (Mahalanobis).
         shrinkage: ``"full"`` only: ``"ledoit-wolf"`` (default) or a fixed weight in [0, 1].
         eps: std offset (``"diagonal"``) / ``eps**2`` ridge (``"full"``); default ``1e-8`` as in the paper.
-        feature: ``"ratio"`` (default, the paper's S) or ``"log_ratio"`` (``log(max(S, 1e-12))``,
-            applied per head before any averaging).
+        feature: ``"ratio"`` (default, the paper's S), ``"log_ratio"`` or ``"masses"``
+            (:mod:`cleansight_analysis.detection.features`; the last two need the table's ``mass_*`` columns,
+            and ``"masses"`` gives two values per head, so head means and single-head AUROCs are refused).
         head_mean_score: the head-averaged scalar's score: ``"distance"`` (default,
             ``|m - mu| / (sigma + eps)`` against the clean calibration) or ``"signed"`` (``m`` itself).
         clean_condition / poisoned_condition: ``condition`` values of the negative / positive class.
@@ -246,6 +177,8 @@ class SeparabilitySettings:
             raise InputError(f"{owner}: feature={self.feature!r} must be one of {FEATURES}")
         if self.head_mean_score not in HEAD_MEAN_SCORES:
             raise InputError(f"{owner}: head_mean_score={self.head_mean_score!r} must be one of {HEAD_MEAN_SCORES}")
+        if self.feature == "masses" and self.head_mean_score == "signed":
+            raise InputError(f"{owner}: head_mean_score='signed' needs one value per head; feature='masses' has two")
         for name in ("clean_condition", "poisoned_condition"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InputError(f"{owner}: {name}={getattr(self, name)!r} must be a non-empty string")
@@ -253,6 +186,10 @@ class SeparabilitySettings:
             raise InputError(f"{owner}: clean_condition and poisoned_condition are both {self.clean_condition!r}")
         if not isinstance(self.exclude_calibration_pairs, bool):
             raise InputError(f"{owner}: exclude_calibration_pairs must be True or False")
+
+    @property
+    def width(self) -> int:
+        return 2 if self.feature == "masses" else 1
 
     def distance(self) -> WhitenedDistance:
         return WhitenedDistance(self.covariance, self.shrinkage, self.eps)
@@ -305,11 +242,20 @@ def _features(table: "pd.DataFrame", condition: str, settings: SeparabilitySetti
     if not complete:
         raise InputError(f"{owner}: the {condition!r} rows are not one row per sample x layer x head "
                          f"({len(sub)} rows for {n} samples, {n_l} layers, {n_h} heads): missing or duplicate rows")
-    values = sub["ratio"].to_numpy(dtype=np.float64).reshape(n, n_l, n_h)
+    if settings.feature == "ratio":
+        values = sub["ratio"].to_numpy(dtype=np.float64).reshape(n, n_l, n_h)
+    else:
+        missing = [c for c in MASS_COLUMNS if c not in sub.columns]
+        if missing:
+            raise InputError(f"{owner}: feature={settings.feature!r} needs the mass columns {missing}; build the "
+                             "table with stealing_table(s)")
+        meta = table.attrs.get("stealing", {})
+        mass = sub[list(MASS_COLUMNS)].to_numpy(dtype=np.float64).reshape(n, n_l, n_h, len(MASS_COLUMNS))
+        values = stealing_features(mass, settings.feature, meta.get("text_keys", "post_image"),
+                                   eps=meta.get("eps", RATIO_EPS), log_eps=LOG_EPS,
+                                   groups=[c[len("mass_"):] for c in MASS_COLUMNS]).reshape(n, n_l, n_h * settings.width)
     if not np.isfinite(values).all():
-        raise InputError(f"{owner}: the {condition!r} ratios contain NaN or infinite values")
-    if settings.feature == "log_ratio":
-        values = np.log(np.maximum(values, LOG_FLOOR))
+        raise InputError(f"{owner}: the {condition!r} features contain NaN or infinite values")
     return _Features(ids, layers, heads, values)
 
 
@@ -391,12 +337,18 @@ def _layer_index(feats: _Features, layers: Any, owner: str) -> np.ndarray:
     return np.asarray(idx)
 
 
+def _head_mean(x: np.ndarray, width: int) -> np.ndarray:
+    """Head average of one layer's features ``[n, H * width]`` -> ``[n, width]``."""
+    return x.reshape(len(x), -1, width).mean(1)
+
+
 def _head_mean_scores(cal: np.ndarray, xs: Sequence[np.ndarray], settings: SeparabilitySettings) -> list[np.ndarray]:
-    """Scores of the head-averaged scalar: ``cal`` ``[n_cal]`` fits, each ``x`` ``[n]`` is scored."""
+    """Scores of the head average: ``cal`` ``[n_cal, F]`` fits, each ``x`` ``[n, F]`` is scored (``"distance"``:
+    the diagonal whitened distance, ``|m - mu| / (sigma + eps)`` for one value per head)."""
     if settings.head_mean_score == "signed":
-        return [np.asarray(x, dtype=np.float64) for x in xs]
-    mu, sd = cal.mean(), cal.std()
-    return [np.abs(x - mu) / (sd + settings.eps) for x in xs]
+        return [np.asarray(x, dtype=np.float64)[:, 0] for x in xs]
+    w = Whitener("diagonal", sigma_eps=settings.eps).fit(cal)
+    return [w.distance(x) for x in xs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,12 +439,13 @@ def layer_separability(table: "pd.DataFrame", *, calibration_ids: Iterable[Any] 
     labels = np.r_[np.zeros(n_ct), np.ones(n_pt)]
     out: dict[str, list] = {"layer": [], "auroc_head_vector": [], "auroc_head_mean": []}
     for li, layer in enumerate(clean.layers):
-        cal = clean.values[split.calib, li]              # [n_cal, H]
-        ct = clean.values[split.clean_test, li]          # [n_ct, H]
-        pt = poisoned.values[split.poisoned_test, li]    # [n_pt, H]
+        cal = clean.values[split.calib, li]              # [n_cal, H * F]
+        ct = clean.values[split.clean_test, li]          # [n_ct, H * F]
+        pt = poisoned.values[split.poisoned_test, li]    # [n_pt, H * F]
         det = settings.distance().fit(cal)
         vec = np.r_[det.score(ct), det.score(pt)]
-        m_ct, m_pt = _head_mean_scores(cal.mean(1), [ct.mean(1), pt.mean(1)], settings)
+        f = settings.width
+        m_ct, m_pt = _head_mean_scores(_head_mean(cal, f), [_head_mean(ct, f), _head_mean(pt, f)], settings)
         out["layer"].append(int(layer))
         out["auroc_head_vector"].append(auroc(vec, labels))
         out["auroc_head_mean"].append(auroc(np.r_[m_ct, m_pt], labels))
@@ -527,6 +480,9 @@ def head_separability(table: "pd.DataFrame", *, score: str = "ratio", calibratio
     if score not in HEAD_SCORES:
         raise InputError(f"{owner}: score={score!r} must be one of {HEAD_SCORES}")
     settings = _settings(settings, owner)
+    if settings.width != 1:
+        raise InputError(f"{owner}: feature={settings.feature!r} has {settings.width} values per head; a single "
+                         "head's AUROC needs one (feature='ratio' or 'log_ratio')")
     clean, poisoned = _both(table, settings, owner)
     if score == "ratio":
         if calibration_ids is not None or calibration_fraction is not None:
@@ -534,10 +490,14 @@ def head_separability(table: "pd.DataFrame", *, score: str = "ratio", calibratio
         xc, xp = clean.values, poisoned.values  # [N, L, H]
     else:
         split = _make_split(clean, poisoned, settings, calibration_ids, calibration_fraction, seed, owner)
-        cal = clean.values[split.calib]
-        mu, sd = cal.mean(0), cal.std(0)
-        xc = np.abs(clean.values[split.clean_test] - mu) / (sd + settings.eps)
-        xp = np.abs(poisoned.values[split.poisoned_test] - mu) / (sd + settings.eps)
+        shape = clean.values.shape[1:]
+        w = Whitener("diagonal", sigma_eps=settings.eps).fit(clean.values[split.calib].reshape(int(split.calib.sum()), -1))
+
+        def per_head(x: np.ndarray) -> np.ndarray:  # |S - mu| / (sigma + eps) of every head
+            return np.abs(w.standardise(x.reshape(len(x), -1))).reshape(len(x), *shape)
+
+        xc = per_head(clean.values[split.clean_test])
+        xp = per_head(poisoned.values[split.poisoned_test])
     labels = np.r_[np.zeros(len(xc)), np.ones(len(xp))]
     rows = [(int(layer), int(head), auroc(np.r_[xc[:, li, hi], xp[:, li, hi]], labels))
             for li, layer in enumerate(clean.layers) for hi, head in enumerate(clean.heads)]

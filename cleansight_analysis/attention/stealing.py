@@ -1,11 +1,11 @@
 """Attention stealing: how much of the answer query's attention the image takes from the text.
 
-For layer ``l`` and head ``h`` the paper's score (``cleansight-method.md`` §3) is
+For layer ``l`` and head ``h`` the paper's score (``docs/method.md#score``) is
 
     S^{l,h} = sum_{j in I_vis} alpha^{l,h}_{q,j} / (sum_{j in text keys} alpha^{l,h}_{q,j} + eps)
 
 with ``q`` the last prompt token. Which keys count as text is ambiguous between the sources
-(§2): the paper's text says the instruction ``I_prm``; the authors' code divides by every key
+(``docs/method.md#token-groups``): the paper's text says the instruction ``I_prm``; the authors' code divides by every key
 after the image block. :class:`StealingSettings.text_keys` names the choice:
 
 - ``"post_image"`` (default, the authors' code): instruction + template tail (``prompt`` +
@@ -33,26 +33,26 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..attacks import triggered_copy
+from ..attacks.base import Attack
+from ..data.base import Sample, check_samples
+from ..detection.features import TEXT_GROUPS, TEXT_KEYS, feature_values, image_text_masses
 from ..errors import InputError
 from ..inputs.groups import GROUP_NAMES
 from ..inputs.images import to_rgb_image
+from ..models.hooked import HookedLVLM
+from ..models.intervention import Intervention, NoIntervention
+from ..models.rows import AttentionRows
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from ..attacks.base import Attack
-    from ..data.base import Sample
-    from ..interventions.base import Intervention
-    from ..models.hooked import HookedLVLM
-    from .rows import AttentionRows
 
-#: Readings of the ratio's denominator (see the module docstring).
-TEXT_KEYS: tuple[str, ...] = ("post_image", "instruction")
-#: Token groups summed in the denominator under each ``text_keys`` setting.
-TEXT_GROUPS: dict[str, tuple[str, ...]] = {
-    "post_image": ("prompt", "template_tail"),
-    "instruction": ("prompt",),
-}
+# TEXT_KEYS (readings of the ratio's denominator) and TEXT_GROUPS (the groups summed under each) come from
+# the detector core, cleansight_analysis.detection.features.
 #: Columns of :func:`stealing_table`, in order.
 STEALING_COLUMNS: tuple[str, ...] = (
     "sample_id", "condition", "layer", "head", "mass_system", "mass_image", "mass_prompt",
@@ -142,8 +142,6 @@ class StealingSettings:
 
 
 def _check_samples(samples: Any, owner: str) -> list["Sample"]:
-    from ..data.base import check_samples
-
     return check_samples(samples, owner)
 
 
@@ -160,8 +158,6 @@ def _sample_ids(samples: Sequence["Sample"], owner: str) -> list[str]:
 
 
 def _check_intervention(intervention: Any, owner: str) -> "Intervention":
-    from ..interventions.base import Intervention, NoIntervention
-
     if intervention is None:
         return NoIntervention()
     if not isinstance(intervention, Intervention):
@@ -184,7 +180,6 @@ def _images_of(sample: "Sample", index: int, intervention: "Intervention") -> An
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, mininterval=2.0)
 
@@ -211,12 +206,12 @@ def _batched_rows(model: "HookedLVLM", images: list[Any], prompts: list[str], la
 def ratio_from_mass(mass: torch.Tensor | np.ndarray, settings: StealingSettings | None = None) -> Any:
     """The stealing ratio from per-group masses ``[..., G]`` (``G`` in :data:`GROUP_NAMES` order).
 
-    Returns ``[...]``: ``mass[image] / (sum of mass over settings.text_groups + settings.eps)``.
+    Returns ``[...]``: ``mass[image] / (sum of mass over settings.text_groups + settings.eps)``, the detector
+    core's ``feature="ratio"`` (:func:`cleansight_analysis.detection.features.feature_values`).
     """
     settings = settings or StealingSettings()
-    idx = {g: i for i, g in enumerate(GROUP_NAMES)}
-    den = sum(mass[..., idx[g]] for g in settings.text_groups)
-    return mass[..., idx["image"]] / (den + settings.eps)
+    image, text = image_text_masses(mass, settings.text_keys, GROUP_NAMES)
+    return feature_values(image, text, "ratio", eps=settings.eps)[..., 0]
 
 
 def stealing_table(model: "HookedLVLM", samples: Sequence["Sample"], *, condition: str = "clean",
@@ -301,7 +296,6 @@ def stealing_tables(model: "HookedLVLM", samples: Sequence["Sample"], attack: "A
     """
     import pandas as pd
 
-    from ..attacks import triggered_copy
 
     owner = "stealing_tables"
     if (not isinstance(conditions, (tuple, list)) or len(conditions) != 2
@@ -379,7 +373,6 @@ def _processor_view_of_mask(model: "HookedLVLM", mask: np.ndarray) -> torch.Tens
     normalisation, then normalisation undone), so it lines up with the ``base`` grid whatever the
     processor's geometry (shortest-edge resize + centre crop for LLaVA-1.5; NeXT's low-res view).
     """
-    from PIL import Image
 
     img = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
     ip = model.processor.image_processor
@@ -470,8 +463,6 @@ def thief_tokens(model: "HookedLVLM", samples: Sequence["Sample"], attack: "Atta
     """
     import pandas as pd
 
-    from ..attacks import triggered_copy
-    from ..attacks.base import Attack
 
     owner = "thief_tokens"
     if not isinstance(attack, Attack):

@@ -34,7 +34,29 @@ from .args import (
     _positive_int,
     _unit_csv,
 )
-from .commands import (TABLE_DEFENSES, TABLE_MODELS, cmd_analyze, cmd_backdoor, cmd_calibrate, cmd_eval_backdoor, cmd_evaluate, cmd_figures, cmd_info, cmd_inspect, cmd_models_list, cmd_tables, cmd_tiny_build)
+from .commands import (
+    TABLE_DEFENSES,
+    TABLE_MODELS,
+    cmd_analyze,
+    cmd_backdoor,
+    cmd_calibrate,
+    cmd_eval_backdoor,
+    cmd_evaluate,
+    cmd_figures,
+    cmd_info,
+    cmd_inspect,
+    cmd_models_list,
+    cmd_tables,
+    cmd_tiny_build,
+)
+from ..errors import CleanSightError
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """Options of every command that generates: seed, batch size, answer length."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=batch_size)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=12)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--intervention", default=None, help="logit-lens: KIND[:INTENSITY], e.g. attn_uniform:1")
     an.add_argument("--format", default="auto", choices=("auto", "parquet", "csv"),
                     help="table format (auto: parquet when pyarrow is installed, else csv)")
-    an.add_argument("--batch-size", type=_positive_int, default=32)
-    an.add_argument("--max-new-tokens", type=_positive_int, default=12)
-    an.add_argument("--seed", type=int, default=0)
+    _add_run_args(an, batch_size=32)
     an.add_argument("--device", default=None)
     an.set_defaults(fn=cmd_analyze)
 
@@ -129,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_attack_args(ev)
     ev.add_argument("--data", default="synthetic", help="'synthetic' (test split) or NAME:FOLDER")
     ev.add_argument("--n", type=_positive_int, default=1000)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--batch-size", type=_positive_int, default=64)
-    ev.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    _add_run_args(ev, batch_size=64)
     ev.add_argument("--device", default=None)
     ev.add_argument("--json", type=_out_file, default=None, help="also write the report to this file")
     ev.set_defaults(fn=cmd_eval_backdoor)
@@ -159,9 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--data", default="synthetic", help="'synthetic' (test split) or NAME:FOLDER")
     de.add_argument("--n", type=_positive_int, default=256, help="test samples (each also run with its trigger)")
     de.add_argument("--val", type=_positive_int, default=200, help="clean calibration samples")
-    de.add_argument("--seed", type=int, default=0)
-    de.add_argument("--batch-size", type=_positive_int, default=32)
-    de.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    _add_run_args(de, batch_size=32)
     de.add_argument("--device", default=None)
     de.add_argument("--json", type=_out_file, default=None, help="also write the row to this file")
     de.set_defaults(fn=cmd_evaluate)
@@ -173,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb2.add_argument("--defenses", type=_csv_names, default=list(TABLE_DEFENSES), help="comma-separated defense names")
     tb2.add_argument("--n", type=_positive_int, default=32, help="test samples per model (small default for CPU)")
     tb2.add_argument("--val", type=_positive_int, default=50, help="clean calibration samples")
-    tb2.add_argument("--seed", type=int, default=0)
-    tb2.add_argument("--batch-size", type=_positive_int, default=32)
-    tb2.add_argument("--max-new-tokens", type=_positive_int, default=12)
+    _add_run_args(tb2, batch_size=32)
     tb2.add_argument("--format", default="auto", choices=("auto", "parquet", "csv"))
     tb2.add_argument("--device", default=None)
     tb2.set_defaults(fn=cmd_tables)
@@ -187,7 +201,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     cannot be read or written) prints one line ``cleansight <command>: error: ...`` and returns 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..errors import CleanSightError
 
     prog = f"cleansight {args.command}"
     try:

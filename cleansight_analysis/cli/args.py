@@ -4,9 +4,20 @@ groups, and the helpers that turn options into models, attacks, samples and JSON
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from .. import load_lvlm
+from ..attacks import ATTACKS, attack_from_dict, get_attack
+from ..data.real import load_dataset_folder
+from ..data.synthetic import SyntheticWorld
+from ..errors import AttackError, InputError, ModelSourceError
+from ..models.loading import read_card
+from ..models.registry import lookup, registered_models
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +70,6 @@ def _unit_csv(text: str) -> list[float]:
 
 
 def _finite_float(text: str) -> float:
-    import math
-
     try:
         value = float(text)
     except ValueError:
@@ -87,7 +96,6 @@ def _csv_names(text: str) -> list[str]:
 
 def _out_dir(text: str) -> str:
     """A results folder: may not exist yet (it is created), may not be a file."""
-    from pathlib import Path
 
     if Path(text).exists() and not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
@@ -96,7 +104,6 @@ def _out_dir(text: str) -> str:
 
 def _out_file(text: str) -> str:
     """An output file: its folder is created when missing; it may not be a folder."""
-    from pathlib import Path
 
     if Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file path")
@@ -114,8 +121,6 @@ def _prepare_out_file(path: str) -> Path:
 def _json_text(record: Any) -> str:
     """Strictly valid JSON: NaN / inf become ``null`` and each such key is listed under ``"undefined"``
     with the reason (a metric with no sample to measure it on, e.g. ASR without an attack)."""
-    import json
-    import math
 
     undefined: dict[str, str] = {}
 
@@ -136,8 +141,6 @@ def _json_text(record: Any) -> str:
 
 
 def _console():
-    import sys
-
     from rich.console import Console
 
     return Console() if sys.stdout.isatty() else Console(width=140)
@@ -151,11 +154,7 @@ def _attack_from_args(args: argparse.Namespace, card: dict | None = None, *, ann
     never swaps the model's own 4 px patch for a preset's default size. ``announce`` prints (to stderr)
     which trigger is used and where it came from.
     """
-    import dataclasses
 
-    from ..attacks import attack_from_dict, get_attack
-    from ..attacks.base import _lookup
-    from ..errors import AttackError
 
     params = _trigger_params(args)
     card_attack = (card or {}).get("attack") if isinstance((card or {}).get("attack"), dict) else None
@@ -164,8 +163,8 @@ def _attack_from_args(args: argparse.Namespace, card: dict | None = None, *, ann
             raise AttackError(f"trigger flags ({', '.join(sorted(params))}) need --attack NAME: the model's card "
                               "names no attack")
         return None
-    name = _lookup(args.attack).name if args.attack else card_attack["name"]
-    if card_attack is not None and _lookup(card_attack["name"]).name == name:
+    name = ATTACKS.get(args.attack).name if args.attack else card_attack["name"]
+    if card_attack is not None and ATTACKS.get(card_attack["name"]).name == name:
         attack = attack_from_dict(card_attack)
         accepted = {f.name for f in dataclasses.fields(attack) if f.init}
         unknown = sorted(set(params) - accepted)
@@ -193,8 +192,6 @@ def _trigger_params(args: argparse.Namespace) -> dict[str, Any]:
         try:
             params["location"] = tuple(_int_or_float(v) for v in loc.split(",")) if "," in loc else loc
         except ValueError:
-            from ..errors import AttackError
-
             raise AttackError(f"--location must be a corner name, 'random' or X,Y numbers, got {loc!r}") from None
     if getattr(args, "alpha", None) is not None:
         params["alpha"] = args.alpha
@@ -206,17 +203,12 @@ def _trigger_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _training_samples(spec: str, n: int, seed: int):
-    from ..errors import InputError
-
     if spec == "synthetic":
-        from ..data.synthetic import SyntheticWorld
-
         world = SyntheticWorld(seed)
         n_cap = n // 7
         return world.samples("train", n - n_cap) + world.samples("train", n_cap, start=10**6, task="caption")
     if ":" not in spec:
         raise InputError(f"--data must be 'synthetic' or NAME:FOLDER (coco, vqav2, okvqa, flickr8k), got {spec!r}")
-    from ..data.real import load_dataset_folder
 
     name, root = spec.split(":", 1)
     return load_dataset_folder(name, root, limit=n, seed=seed)
@@ -224,9 +216,6 @@ def _training_samples(spec: str, n: int, seed: int):
 
 def _defense_settings(text: str | None) -> dict[str, Any]:
     """``--defense-settings`` JSON (``'{"quantile": 0.95}'``) as a dict."""
-    import json
-
-    from ..errors import InputError
 
     if not text:
         return {}
@@ -241,12 +230,6 @@ def _defense_settings(text: str | None) -> dict[str, Any]:
 
 def _model_and_attack(args: argparse.Namespace, *, need_attack: bool = False):
     """The model named by ``--model`` and the attack from the flags or, failing that, the model's card."""
-    from pathlib import Path
-
-    from .. import load_lvlm
-    from ..errors import InputError, ModelSourceError
-    from ..models.loading import read_card
-    from ..models.registry import lookup, registered_models
 
     entry = lookup(args.model)
     if entry is None and not Path(args.model).is_dir():
@@ -263,8 +246,6 @@ def _model_and_attack(args: argparse.Namespace, *, need_attack: bool = False):
 def _eval_samples(args: argparse.Namespace):
     """``--n`` held-out samples: the synthetic test split, or a real dataset folder (``NAME:FOLDER``)."""
     if args.data == "synthetic":
-        from ..data.synthetic import SyntheticWorld
-
         return SyntheticWorld(args.seed).samples("test", args.n)
     return _training_samples(args.data, args.n, args.seed)
 

@@ -3,9 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import time
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from .. import GROUP_NAMES, load_lvlm
+from ..attacks import triggered_copy
+from ..attention import StealingSettings, head_separability, layer_separability, stealing_tables, thief_tokens
+from ..defenses import get_defense
+from ..defenses.cleansight import CleanSight
+from ..defenses.registry import available_defenses
+from ..errors import InputError, ModelSourceError, OutputExistsError
+from ..evaluation import evaluate_backdoor
+from ..evaluation.grid import attack_defense_table, wide_table
+from ..evaluation.intervention_sweeps import head_sweep, perturbation_sweep
+from ..evaluation.runner import evaluate, synthetic_samples
+from ..interventions import get_perturbation, logit_lens, patch_heads
+from ..interventions.perturbations import PIXEL_KINDS
+from ..manifest import build_manifest
+from ..models import SUPPORTED_ARCHITECTURES
+from ..models.registry import MODELS_DIR, lookup, registered_models
+from ..notebooks import find_notebooks, run_notebooks
+from ..results import save_table
+from ..training.backdoor import BackdoorSettings, train_backdoor
+from ..training.family import build_family
+from ..training.recipe import TinyRecipe
 from .args import (
     _attack_from_args,
     _console,
@@ -19,11 +43,6 @@ from .args import (
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..manifest import build_manifest
-    from ..models import SUPPORTED_ARCHITECTURES, registered_models
-
     from rich.table import Table
 
     m = build_manifest()
@@ -43,7 +62,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_models_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from ..models import registered_models
 
     table = Table(title="registered models (load with cleansight_analysis.load_lvlm(name))")
     for col in ("name", "attack", "mode", "clean acc", "ASR", "false triggers", "source"):
@@ -71,7 +89,6 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .. import GROUP_NAMES, load_lvlm
 
     model = load_lvlm(args.model, device=args.device)
     batch = model.prepare(args.image, args.prompt)
@@ -92,10 +109,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _check_figure_model(spec: str) -> None:
     """``figures --model``: a registry name, a family (``tiny-llava``) or a local folder, else one line."""
-    from pathlib import Path
-
-    from ..errors import ModelSourceError
-    from ..models.registry import lookup, registered_models
 
     names = [m.name for m in registered_models()]
     if lookup(spec) is not None or any(n.startswith(f"{spec}/") for n in names) or Path(spec).is_dir():
@@ -106,9 +119,6 @@ def _check_figure_model(spec: str) -> None:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from ..errors import InputError
-    from ..notebooks import find_notebooks, run_notebooks
-
     if not find_notebooks(args.notebooks, args.only):
         what = f" whose name contains one of {args.only}" if args.only else ""
         raise InputError(f"no notebooks in {args.notebooks!r}{what}")
@@ -127,18 +137,12 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_build(args: argparse.Namespace) -> int:
-    from ..models.registry import MODELS_DIR
-    from ..training.family import build_family
-    from ..training.recipe import TinyRecipe
-
     build_family(args.out or MODELS_DIR, recipe=TinyRecipe(seed=args.seed), only=args.only, jobs=args.jobs,
                  force=args.force)
     return 0
 
 
 def cmd_backdoor(args: argparse.Namespace) -> int:
-    from ..training.backdoor import BackdoorSettings, train_backdoor
-
     attack = _attack_from_args(args, announce=True)
     samples = _training_samples(args.data, args.n, args.seed)
     settings = BackdoorSettings(mode=args.mode, poison_rate=args.poison_rate, steps=args.steps,
@@ -153,8 +157,6 @@ def cmd_backdoor(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_backdoor(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_backdoor
-
     model, attack = _model_and_attack(args)
     samples = _eval_samples(args)
     report = evaluate_backdoor(model, samples, attack, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -168,13 +170,6 @@ def cmd_eval_backdoor(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``cleansight calibrate``: fit CleanSight on ``--n`` clean calibration samples and save it."""
-    from .. import load_lvlm
-    from ..defenses import get_defense
-    from ..evaluation.runner import synthetic_samples
-
-    from pathlib import Path
-
-    from ..errors import OutputExistsError
 
     if Path(args.out).exists() and not args.overwrite:
         raise OutputExistsError(f"{args.out!r} exists; pass --overwrite to replace it")
@@ -195,15 +190,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cleansight evaluate``: one row of Tables 1-4 as JSON."""
-    from ..defenses import get_defense
-    from ..errors import InputError
-    from ..evaluation.runner import evaluate
 
     model, attack = _model_and_attack(args, need_attack=True)
     fit = True
     if args.calibration:
-        from ..defenses.cleansight import CleanSight
-
         if args.defense != "cleansight":
             raise InputError("--calibration is a saved CleanSight: use it with --defense cleansight")
         defense = CleanSight.load(args.calibration, model=model)
@@ -228,32 +218,19 @@ TABLE_DEFENSES = ("none", "cleansight", "blur", "st", "jpeg", "strip")
 
 def cmd_tables(args: argparse.Namespace) -> int:
     """``cleansight tables``: attacks x defenses over the shipped tiny models, saved with manifests."""
-    import importlib
-    import time
-
-    from ..defenses.registry import _DEFENSES
-    from ..evaluation.grid import attack_defense_table
-    from ..models.registry import lookup
-    from ..results import save_table
 
     start = time.perf_counter()
     models = {}
     for name in args.models:
         source = name if lookup(name) is not None or "/" in name else f"tiny-llava/{name}"
         models[name] = source
-    defenses = []
-    for name in args.defenses:
-        module = _DEFENSES.get(name, ("base",))[0]
-        try:
-            importlib.import_module(f"cleansight_analysis.defenses.{module}")
-        except ImportError as exc:
-            print(f"skipping defense {name!r}: {exc}", file=sys.stderr)
-            continue
-        defenses.append(name)
+    unknown = [name for name in args.defenses if name not in available_defenses()]
+    if unknown:
+        raise InputError(f"--defenses: unknown defense(s) {', '.join(unknown)}; known: {', '.join(available_defenses())}")
+    defenses = list(args.defenses)
     settings = {"n_test": args.n, "n_val": args.val, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                 "batch_size": args.batch_size}
     tidy = attack_defense_table(models, defenses, layout="long", device=args.device, **settings)
-    from ..evaluation.grid import wide_table
 
     common = {"seed": args.seed, "settings": {**settings, "models": models, "defenses": defenses}, "fmt": args.format}
     written = [save_table(tidy, args.out, "attack_defense_long", **common)]
@@ -269,11 +246,6 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``cleansight analyze {stealing,perturb,heads,logit-lens}``: tables + manifests under ``--out``."""
-    import time
-
-    from ..attacks import triggered_copy
-    from ..errors import InputError
-    from ..results import save_table
 
     start = time.perf_counter()
     model, attack = _model_and_attack(args, need_attack=True)
@@ -283,8 +255,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     written = []
     layers = args.layers
     if args.analysis == "stealing":
-        from ..attention import StealingSettings, head_separability, layer_separability, stealing_tables, thief_tokens
-
         settings = StealingSettings(text_keys=args.text_keys, layers=layers, batch_size=args.batch_size)
         table = stealing_tables(model, samples, attack, settings=settings, seed=args.seed)
         written.append(save_table(table, args.out, "stealing", settings=settings, fmt=args.format, **common))
@@ -297,12 +267,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         written.append(save_table(thieves, args.out, "thief_tokens", settings={"k": args.k, "layers": layers},
                                   fmt=args.format, **common))
     elif args.analysis == "perturb":
-        from ..evaluation.intervention_sweeps import perturbation_sweep
-
         kinds = args.kinds.split(",")
         intensities = args.intensities
         extra = {"layers": layers} if layers is not None and "attn_uniform" in kinds else {}
-        from ..interventions.perturbations import PIXEL_KINDS
 
         if any(k in PIXEL_KINDS for k in kinds):
             extra["seed"] = args.seed
@@ -311,9 +278,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         written.append(save_table(table, args.out, "perturb", fmt=args.format,
                                   settings={"kinds": kinds, "intensities": intensities, **extra}, **common))
     elif args.analysis == "heads":
-        from ..evaluation.intervention_sweeps import head_sweep
-        from ..interventions import patch_heads
-
         table = head_sweep(model, samples, attack, kind=args.kind, method=args.method, layers=layers,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
         written.append(save_table(table, args.out, "heads", fmt=args.format,
@@ -328,7 +292,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         written.append(save_table(pd.concat(patches, ignore_index=True), args.out, "patching", fmt=args.format,
                                   settings={"layers": layers, "target": attack.target}, **common))
     else:  # logit-lens
-        from ..interventions import get_perturbation, logit_lens
 
         intervention = None
         if args.intervention:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..errors import InputError
+
 #: LLaVA-1.5's instruction suffix for short-answer VQA (VQAv2, OK-VQA evaluation prompts).
 VQA_SUFFIX = "Answer the question using a single word or phrase."
 #: Caption instruction used by the CleanSight setting (COCO, Flickr8k).
@@ -51,8 +53,6 @@ def check_samples(samples: Any, owner: str) -> list[Sample]:
     Raises:
         InputError: naming ``owner`` and what is wrong.
     """
-    from ..errors import InputError
-
     if isinstance(samples, Sample) or not isinstance(samples, (list, tuple)):
         raise InputError(f"{owner}: samples must be a list of Sample, got {type(samples).__name__}")
     if not samples:

@@ -11,7 +11,7 @@ anti-aliased like a photo rather than aliased like a bitmap.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -31,6 +31,10 @@ BACKGROUND_TONES: tuple[tuple[int, int, int], ...] = ((90, 90, 90), (70, 55, 40)
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 SPLITS = {"train": 0, "calibration": 1, "test": 2}
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "exists", "position", "background")
+
+
+#: Image side of the tiny model family (``TinyRecipe.image_size``): the default scenes of :func:`synthetic_samples`.
+TINY_IMAGE_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -305,3 +309,9 @@ class SyntheticWorld:
         for w in text.replace(".", " . ").replace("?", " ? ").replace(",", " , ").split():
             words.add(w)
         return sorted(words)
+
+
+def synthetic_samples(split: str, n: int, seed: int = 0, size: int = TINY_IMAGE_SIZE) -> list[Sample]:
+    """``n`` samples of ``split`` (train, calibration or test) of the tiny family's world: scenes of
+    ``size`` px (default the tiny models' :data:`TINY_IMAGE_SIZE`), drawn with ``seed``."""
+    return SyntheticWorld(seed, SceneConfig(size=size)).samples(split, n)

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import copy
 import numbers
+from dataclasses import is_dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..detection.masking import key_mask_hooks
 from ..errors import InputError
-from .base import Defense, DefenseOutput
-from .masking import key_mask_hooks
+from .base import Defense, DefenseOutput, get_defense
+from .baselines import CalibratedDetector
 
 
 def _nonneg_int(value: Any, what: str, owner: str) -> int:
@@ -66,8 +68,6 @@ class RandomPruning(Defense):
 def with_calibration(defense: Defense, **changes: Any) -> Defense:
     """A shallow copy of a fitted CleanSight-like defense whose ``calibration`` dataclass has ``changes``
     (e.g. ``gamma=-inf``: flag every input; ``tau=1e-3``: another pruning threshold)."""
-    from dataclasses import is_dataclass, replace
-
     cal = getattr(defense, "calibration", None)
     if cal is None or not is_dataclass(cal):
         raise InputError(f"with_calibration: {defense!r} has no fitted calibration (call fit first)")
@@ -80,8 +80,6 @@ def _inner_defense(inner: Any) -> Defense:
     """A defense from an instance, a registry name or ``(name, settings)``."""
     if isinstance(inner, Defense):
         return inner
-    from .registry import get_defense
-
     if isinstance(inner, str):
         return get_defense(inner)
     if isinstance(inner, tuple) and len(inner) == 2 and isinstance(inner[0], str) and isinstance(inner[1], Mapping):
@@ -132,8 +130,6 @@ class AlwaysFlag(Defense):
             return "flagged"
         if hasattr(inner, "calibration"):
             return "calibration"
-        from .baselines import CalibratedDetector
-
         if isinstance(inner, CalibratedDetector):
             return "baseline"
         return None

@@ -18,6 +18,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import InputError
+from ..registry import Registry
+
 #: What a defense does: ``detector`` flags inputs (and may prune or purify flagged ones),
 #: ``purifier`` transforms every input, ``none`` is the undefended model.
 DEFENSE_KINDS = ("detector", "purifier", "none")
@@ -79,3 +82,20 @@ class Defense:
 
 class NoDefense(Defense):
     """The undefended model (the reference row of every table)."""
+
+
+#: name -> defense factory (a class, or a ``functools.partial`` fixing some settings). Filled by
+#: :mod:`.registry`, which the package imports; read it through :func:`get_defense`.
+DEFENSES: Registry[Any] = Registry("defense")
+
+
+def get_defense(name: str, **settings: Any) -> Defense:
+    """Build defense ``name`` with ``settings`` (each class validates its own settings).
+
+    Lives next to the interface so that a defense wrapping another one by name (``AlwaysFlag``) can
+    build it without importing the registry module that imports it.
+    """
+    factory = DEFENSES.get(name)
+    if DEFENSES.key(name) == "none" and settings:
+        raise InputError(f"defense 'none' takes no settings, got {sorted(settings)}")
+    return factory(**settings)

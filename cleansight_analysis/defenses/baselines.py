@@ -48,13 +48,17 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..data.base import check_samples
 from ..errors import InputError
+from ..inputs.images import to_rgb_image
+from ..interventions import get_perturbation
 from .base import Defense, DefenseOutput
 
 #: Pixel kinds a :class:`Purifier` accepts (the registry builds the first four by name).
@@ -116,8 +120,6 @@ def amplify(image: Any, scale: float) -> Image.Image:
 
 
 def _rgb(image: Any) -> Image.Image:
-    from ..inputs.images import to_rgb_image
-
     return to_rgb_image(image, where="baseline defense image")
 
 
@@ -191,8 +193,6 @@ class Purifier(Defense):
     kind = "purifier"
 
     def __init__(self, kind: str, intensity: float = 0.7, seed: int = 0, **settings: Any):
-        from ..interventions import get_perturbation
-
         self.transform = _check_choice(kind, "kind", "Purifier", PURIFIER_KINDS)
         self.name = self.transform
         self.intensity = _check_number(intensity, "intensity", f"Purifier({self.transform!r})", 0.0, 1.0)
@@ -273,8 +273,6 @@ class CalibratedDetector(Defense):
         Raises:
             InputError: not a list of samples, or fewer than ``min_samples`` left for calibration.
         """
-        from ..data.base import check_samples
-
         samples = check_samples(clean_samples, f"{type(self).__name__}.fit")
         calib = self._setup(model, samples)
         if len(calib) < self.min_samples:
@@ -340,8 +338,6 @@ class CalibratedDetector(Defense):
 
 def _select(batch: Any, rows: list[int]) -> Any:
     """Rows of a batch (images follow their samples; token positions stay valid: padding is kept)."""
-    from dataclasses import replace
-
     per = batch.images_per_sample or [1] * len(batch)
     starts = np.concatenate([[0], np.cumsum(per)]).astype(int)
     img_idx = [k for i in rows for k in range(starts[i], starts[i + 1])]

@@ -1,4 +1,4 @@
-"""Choosing CleanSight's detection layers ``L_det`` from data (``cleansight-method.md`` §4).
+"""Choosing CleanSight's detection layers ``L_det`` from data (``docs/method.md#detection-layers``).
 
 Two rules, both returning a contiguous window of ``window`` LM layers (ascending, 0-indexed):
 
@@ -12,25 +12,29 @@ Two rules, both returning a contiguous window of ``window`` LM layers (ascending
   Rule ``"peak"``: the window starts at the layer with the largest effect. A window that would run
   past the last layer is shifted down so that it fits.
 - ``method="auroc"`` (needs triggered samples). Stealing features of every layer on clean and
-  triggered samples; for every window the whitened (diagonal) distance is fitted on the clean
-  samples of even index and scored on the clean samples of odd index (label 0) and on every
-  triggered sample (label 1); the window with the highest AUROC wins (ties: the earliest).
+  triggered samples (:func:`cleansight_analysis.detection.sample_masses`, the features CleanSight
+  computes); for every window the whitened distance (``settings``, default the detector's defaults) is
+  fitted on the clean samples of even index and scored on the clean samples of odd index (label 0) and on
+  every triggered sample (label 1); the window with the highest AUROC wins (ties: the earliest).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..attention.separability import WhitenedDistance, auroc
+from ..data.base import Sample, check_samples
+from ..detection.detector import DetectorSettings
+from ..detection.masking import key_mask_hooks
+from ..detection.passes import sample_masses
+from ..detection.pruning import image_mask
+from ..detection.whitening import Whitener
 from ..errors import InputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..data.base import Sample
-    from ..models.hooked import HookedLVLM
+from ..inputs.batch import sample_batches
+from ..models.hooked import HookedLVLM
 
 METHODS: tuple[str, ...] = ("fusion_onset", "auroc")
 ONSET_RULES: tuple[str, ...] = ("onset", "peak")
@@ -38,8 +42,6 @@ DIVERGENCES: tuple[str, ...] = ("kl", "l2")
 
 
 def _batches(model: "HookedLVLM", samples: Sequence["Sample"], batch_size: int):
-    from ..inputs.batch import sample_batches
-
     return (batch for _, batch in sample_batches(model, samples, batch_size))
 
 
@@ -66,7 +68,6 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
     Returns:
         ``[n_layers]`` float64, the mean effect per layer (``n_layers + 1`` forward passes per batch).
     """
-    from ..data.base import check_samples
 
     samples = check_samples(samples, "fusion_onset_profile")
     if divergence not in DIVERGENCES:
@@ -74,24 +75,11 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
     n_layers = model.n_layers
     total = np.zeros(n_layers)
     for batch in _batches(model, samples, batch_size):
-        b, t = len(batch), batch.seq_len
-        img = torch.zeros(b, t, dtype=torch.bool)
-        for i, g in enumerate(batch.groups):
-            img[i, g.image] = True
-        q = batch.query_positions
         base = _query_logits(model, batch, [])
-
-        def block(scores: torch.Tensor, hook: Any) -> torch.Tensor:
-            # scores: [B, H, T, T] at this (single) forward; only the query row loses the image keys
-            out = scores.clone()
-            bi = torch.arange(b, device=scores.device)
-            rows = out[bi, :, q.to(scores.device), :]  # [B, H, T]
-            rows = rows.masked_fill(img.to(scores.device)[:, None, :], torch.finfo(scores.dtype).min)
-            out[bi, :, q.to(scores.device), :] = rows
-            return out
-
         for layer in range(n_layers):
-            blocked = _query_logits(model, batch, [(model.hook_name(layer, "attn_scores"), block)])
+            # only the answer query's row loses the image keys, in this one layer
+            hooks = key_mask_hooks(model, image_mask(batch), layers=[layer], query=batch.query_positions)
+            blocked = _query_logits(model, batch, hooks)
             if divergence == "kl":
                 lp, lq = base.log_softmax(-1), blocked.log_softmax(-1)
                 eff = (lp.exp() * (lp - lq)).sum(-1)
@@ -113,36 +101,32 @@ def _window_start(effect: np.ndarray, window: int, rule: str, onset_fraction: fl
 
 def window_aurocs(model: "HookedLVLM", clean_samples: Sequence["Sample"], poisoned_samples: Sequence["Sample"], *,
                   window: int = 3, text_keys: str = "post_image", batch_size: int = 16,
-                  eps: float = 1e-12) -> dict[int, float]:
+                  eps: float = 1e-12, settings: DetectorSettings | None = None) -> dict[int, float]:
     """AUROC of the concatenated head vectors of every window ``[s, s + window)``: ``{start: auroc}``.
 
     Calibration: clean samples of even index; scored: clean of odd index (0) and every poisoned (1).
+    ``settings``: feature and whitening (default :class:`~cleansight_analysis.detection.DetectorSettings`
+    with ``text_keys`` and ``eps``).
     """
-    from ..data.base import check_samples
-    from .cleansight import CleanSight
+    from sklearn.metrics import roc_auc_score
+
 
     clean = check_samples(clean_samples, "window_aurocs")
     poisoned = check_samples(poisoned_samples, "window_aurocs")
     if len(clean) < 4:
         raise InputError(f"window_aurocs: needs at least 4 clean samples (half calibrate, half are scored), got {len(clean)}")
+    settings = settings or DetectorSettings(text_keys=text_keys, eps=eps)
     all_layers = list(range(model.n_layers))
-    cs = CleanSight(layers=all_layers, text_keys=text_keys, eps=eps, batch_size=batch_size)
-
-    def feats(samples: Sequence["Sample"]) -> np.ndarray:
-        out = []
-        for batch in _batches(model, samples, batch_size):
-            out.append(cs._run(model, batch, all_layers, calibration=None).features())
-        return torch.cat(out).numpy().reshape(len(samples), model.n_layers, model.n_heads)
-
-    xc, xp = feats(clean), feats(poisoned)
-    cal, test = xc[0::2], xc[1::2]
-    labels = np.r_[np.zeros(len(test)), np.ones(len(xp))]
+    mc = sample_masses(model, clean, all_layers, batch_size=batch_size)[0]      # [N, L, H, G]
+    mp = sample_masses(model, poisoned, all_layers, batch_size=batch_size)[0]
+    cal, test = mc[0::2], mc[1::2]
+    labels = np.r_[np.zeros(len(test)), np.ones(len(mp))]
     result = {}
     for start in range(model.n_layers - window + 1):
         sl = slice(start, start + window)
-        det = WhitenedDistance("diagonal").fit(cal[:, sl].reshape(len(cal), -1))
-        scores = np.r_[det.score(test[:, sl].reshape(len(test), -1)), det.score(xp[:, sl].reshape(len(xp), -1))]
-        result[start] = auroc(scores, labels)
+        det = Whitener(settings.whitening, sigma_eps=settings.sigma_eps).fit(settings.features(cal[:, sl]))
+        scores = np.r_[det.distance(settings.features(test[:, sl])), det.distance(settings.features(mp[:, sl]))]
+        result[start] = float(roc_auc_score(labels, scores))
     return result
 
 
@@ -150,7 +134,7 @@ def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample
                             poisoned_samples: Sequence["Sample"] | None = None, window: int = 3, *,
                             rule: str = "onset", onset_fraction: float = 0.5, divergence: str = "kl",
                             text_keys: str = "post_image", batch_size: int = 16,
-                            details: dict | None = None) -> list[int]:
+                            details: dict | None = None, settings: DetectorSettings | None = None) -> list[int]:
     """A contiguous window of ``window`` detection layers (see the module docstring for the rules).
 
     Args:
@@ -160,6 +144,8 @@ def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample
         window: number of layers (1..n_layers).
         rule, onset_fraction, divergence: fusion-onset settings.
         text_keys, batch_size: feature settings for ``"auroc"``; forward batch size.
+        settings: ``"auroc"``: the detector's feature / whitening settings (default: the defaults with
+            ``text_keys``).
         details: if a dict is given, it receives the per-layer effects (``"effect"``) or the per-window
             AUROCs (``"aurocs"``) and the rule used, for recording with the results.
 
@@ -187,7 +173,7 @@ def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample
         if poisoned_samples is None:
             raise InputError("select_detection_layers: method='auroc' needs poisoned_samples (triggered inputs)")
         scores = window_aurocs(model, clean_samples, poisoned_samples, window=int(window), text_keys=text_keys,
-                               batch_size=batch_size)
+                               batch_size=batch_size, settings=settings)
         best = max(scores.values())
         start = min(s for s, v in scores.items() if v == best)
         if details is not None:

@@ -1,44 +1,45 @@
 """Every defense by name: ``get_defense("cleansight", quantile=0.99)``, ``get_defense("jpeg")``, ...
 
-Names map to classes that live in :mod:`.cleansight`, :mod:`.baselines` and :mod:`.ablations` (the Table 3
-ablations ``random_pruning`` and ``always_flag``, e.g. ``get_defense("always_flag", inner="cleansight")``);
-they are imported lazily so that importing the package stays cheap.
+Names map to classes that live in :mod:`.base`, :mod:`.cleansight`, :mod:`.baselines` and
+:mod:`.ablations` (the Table 3 ablations ``random_pruning`` and ``always_flag``, e.g.
+``get_defense("always_flag", inner="cleansight")``), registered here, in one table, into
+:data:`~cleansight_analysis.defenses.base.DEFENSES` (a :class:`~cleansight_analysis.registry.Registry`).
 """
 
 from __future__ import annotations
 
-from importlib import import_module
+from functools import partial
 from typing import Any
 
-from ..errors import InputError
-from .base import Defense, NoDefense
+from .ablations import AlwaysFlag, RandomPruning
+from .base import DEFENSES, Defense, NoDefense, get_defense
+from .baselines import AttentionEntropyDetector, Purifier, ScaleUpDetector, StripDetector
+from .cleansight import CleanSight
 
-#: name -> (module, class name, fixed keyword arguments)
-_DEFENSES: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "none": ("base", "NoDefense", {}),
-    "cleansight": ("cleansight", "CleanSight", {}),
-    "blur": ("baselines", "Purifier", {"kind": "blur"}),
-    "st": ("baselines", "Purifier", {"kind": "st"}),
-    "shrinkpad": ("baselines", "Purifier", {"kind": "shrinkpad"}),
-    "jpeg": ("baselines", "Purifier", {"kind": "jpeg"}),
-    "strip": ("baselines", "StripDetector", {}),
-    "attention_entropy": ("baselines", "AttentionEntropyDetector", {}),
-    "scale_up": ("baselines", "ScaleUpDetector", {}),
-    "random_pruning": ("ablations", "RandomPruning", {}),
-    "always_flag": ("ablations", "AlwaysFlag", {}),
-}
-DEFENSE_NAMES: tuple[str, ...] = tuple(_DEFENSES)
+DEFENSES.register("none", NoDefense)
+DEFENSES.register("cleansight", CleanSight)
+for _kind in ("blur", "st", "shrinkpad", "jpeg"):
+    DEFENSES.register(_kind, partial(Purifier, kind=_kind))
+DEFENSES.register("strip", StripDetector)
+DEFENSES.register("attention_entropy", AttentionEntropyDetector)
+DEFENSES.register("scale_up", ScaleUpDetector)
+DEFENSES.register("random_pruning", RandomPruning)
+DEFENSES.register("always_flag", AlwaysFlag)
+
+#: Every defense name, in table order.
+DEFENSE_NAMES: tuple[str, ...] = DEFENSES.names()
 
 
-def get_defense(name: str, **settings: Any) -> Defense:
-    """Build defense ``name`` with ``settings`` (each class validates its own settings)."""
-    key = name.strip().lower() if isinstance(name, str) else name
-    if key not in _DEFENSES:
-        raise InputError(f"unknown defense {name!r}; known defenses: {', '.join(DEFENSE_NAMES)}")
-    module, cls_name, fixed = _DEFENSES[key]
-    if key == "none":
-        if settings:
-            raise InputError(f"defense 'none' takes no settings, got {sorted(settings)}")
-        return NoDefense()
-    cls = getattr(import_module(f"{__package__}.{module}"), cls_name)
-    return cls(**fixed, **settings)
+
+def available_defenses() -> tuple[str, ...]:
+    """Names :func:`get_defense` accepts, in table order (every defense module is imported with the package)."""
+    return DEFENSES.names()
+
+
+def defense_factory(name: str) -> Any:
+    """The class (or ``functools.partial`` of a class) that :func:`get_defense` calls for ``name``; an
+    unknown name raises :class:`~cleansight_analysis.errors.InputError` listing the known ones."""
+    return DEFENSES.get(name)
+
+
+__all__ = ["DEFENSES", "DEFENSE_NAMES", "Defense", "available_defenses", "defense_factory", "get_defense"]

@@ -6,7 +6,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from tqdm.auto import tqdm
+
+from ..attacks import triggered_copy
 from ..data.base import Sample
+from ..interventions.base import NoIntervention, as_intervention
 from .scoring import attack_success_rate, mean, target_of, utilities
 
 
@@ -40,10 +44,6 @@ def generate_answers(model: Any, samples: Sequence[Sample], *, batch_size: int =
             ``fn(model, batch) -> hooks`` factory): its ``apply_image`` transforms each image and its
             ``hooks(model, batch)`` are added for every batch.
     """
-    from tqdm.auto import tqdm
-
-    from ..interventions.base import NoIntervention, as_intervention
-
     iv = as_intervention(intervention)
     out: list[str] = []
     starts = range(0, len(samples), batch_size)
@@ -59,8 +59,6 @@ def generate_answers(model: Any, samples: Sequence[Sample], *, batch_size: int =
 def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None, *, target: str | None = None,
                       batch_size: int = 64, max_new_tokens: int = 16, progress: bool = True) -> BackdoorReport:
     """Clean accuracy and false triggers on ``samples``; ASR on their triggered copies (if ``attack``)."""
-    from ..attacks import triggered_copy
-
     start = time.perf_counter()
     target = target_of(attack, target)
     clean = generate_answers(model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,

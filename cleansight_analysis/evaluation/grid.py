@@ -20,8 +20,12 @@ import inspect
 import json
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from ..attacks import attack_from_dict
 from ..defenses.base import Defense
+from ..defenses.registry import get_defense
 from ..errors import InputError
+from ..models.loading import load_lvlm
+from ..models.registry import model_card
 from .runner import EvaluationCache, check_int, evaluate, sample_list, synthetic_samples
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,8 +41,6 @@ _EVALUATE_DEFAULTS = {k: p.default for k, p in inspect.signature(evaluate).param
 
 def make_defense(spec: DefenseSpec) -> Defense:
     """A fresh :class:`Defense` from a name, ``(name, settings)``, a factory or an instance (deep-copied)."""
-    from ..defenses.registry import get_defense
-
     if isinstance(spec, Defense):
         return copy.deepcopy(spec)
     if isinstance(spec, str):
@@ -62,9 +64,6 @@ def resolve_model(spec: ModelSpec, device: Any = None) -> tuple[Any, Any, dict[s
         return spec[0], spec[1], dict(spec[2] or {})
     if not isinstance(spec, str):
         raise InputError(f"cannot load a model from {spec!r}: pass a registry name or (model, attack)")
-    from .. import load_lvlm
-    from ..attacks import attack_from_dict
-    from ..models.registry import model_card
 
     card = model_card(spec)
     if not card or not card.get("attack"):
@@ -169,8 +168,6 @@ def module_ablation_table(models_by_attack: Mapping[str, ModelSpec], *, cleansig
 
     ``variants`` picks rows of :data:`ABLATION_VARIANTS` (e.g. leave out ``none`` / ``full`` when an
     attack x defense table already holds them)."""
-    from ..defenses.registry import get_defense
-
     unknown = [v for v in variants if v not in ABLATION_VARIANTS]
     if unknown or not variants:
         raise InputError(f"module_ablation_table: variants {list(variants)!r} must be a non-empty subset of "

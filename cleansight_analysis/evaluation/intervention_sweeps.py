@@ -22,12 +22,17 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ..attacks import triggered_copy
+from ..data.base import check_samples
 from ..errors import InputError
+from ..inputs.batch import sample_batches
 from ..interventions.base import Intervention, NoIntervention
 from ..interventions.heads import (ABLATION_METHODS, Head, HeadAblation, HeadImageFlatten, all_heads, check_heads,
                                    head_means)
 from ..interventions.perturbations import PERTURBATION_KINDS, get_perturbation, perturbation_class
+from .backdoor import generate_answers
 from .scoring import attack_success_rate, mean_utility, target_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,10 +130,6 @@ def perturbation_sweep(
         settings, generation settings and run time.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
-
-    from ..attacks import triggered_copy
-    from .backdoor import generate_answers
 
     kind_list = _check_kinds(kinds)
     levels = sorted(_check_intensities(intensities))
@@ -227,11 +228,6 @@ def head_sweep(model: Any, samples: Sequence["Sample"], attack: Any, *, kind: st
         ``n`` is the number of samples per condition.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
-
-    from ..attacks import triggered_copy
-    from ..data.base import check_samples
-    from ..inputs.batch import sample_batches
 
     samples = check_samples(samples, "head_sweep")
     if kind not in SWEEP_KINDS:

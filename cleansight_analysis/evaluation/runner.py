@@ -28,13 +28,16 @@ import copy
 import json
 import numbers
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..data.base import Sample
+from ..attacks import triggered_copy
+from ..data.base import Sample, check_samples
+from ..data.synthetic import synthetic_samples as world_samples
 from ..defenses.ablations import AlwaysFlag
 from ..defenses.base import Defense, DefenseOutput, NoDefense
 from ..errors import InputError
@@ -62,16 +65,12 @@ def check_int(value: Any, what: str, owner: str, *, minimum: int = 1) -> int:
 
 def sample_list(samples: Any, what: str, owner: str) -> list[Sample]:
     """A checked, non-empty list of :class:`Sample`."""
-    from ..data.base import check_samples
-
     return check_samples(samples, f"{owner} ({what})")
 
 
 def synthetic_samples(split: str, n: int, seed: int = 0) -> list[Sample]:
     """``n`` samples of the tiny family's synthetic world (``split``: train, calibration or test)."""
-    from ..training.recipe import TinyRecipe
-
-    return TinyRecipe(seed=seed).world().samples(split, n)
+    return world_samples(split, n, seed)
 
 
 def image_of(sample: Sample) -> Any:
@@ -119,8 +118,6 @@ def run_defense(model: Any, defense: Defense, samples: Sequence[Sample], *, batc
     Raises:
         InputError: the defense returns the wrong number of answers, flags, scores or pruned entries.
     """
-    from tqdm.auto import tqdm
-
     name = getattr(defense, "name", type(defense).__name__)
     texts: list[str] = []
     flags: list[np.ndarray] = []
@@ -194,8 +191,6 @@ def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_
         ``fit_reused`` (whether those came from earlier work) and the settings (``defense`` =
         ``defense.to_dict()``, ``attack``, ``model``, ``n``, ``n_val``, ``seed``, ...).
     """
-    from ..attacks import triggered_copy
-
     owner = "evaluate"
     if not isinstance(defense, Defense):
         raise InputError(f"{owner}: defense must be a cleansight_analysis.defenses.Defense, "
@@ -325,8 +320,6 @@ def undefended_runs(model: Any, attack: Any, samples: Sequence[Sample] | None = 
                     warmup: bool = True, progress: bool = True) -> UndefendedRuns:
     """The undefended runs of ``model`` on ``samples`` (default: ``n_test`` synthetic test samples) and, with
     ``triggered=True``, on their triggered copies; pass the result to :func:`evaluate` as ``undefended``."""
-    from ..attacks import triggered_copy
-
     owner = "undefended_runs"
     seed = check_int(seed, "seed", owner, minimum=0)
     batch_size = check_int(batch_size, "batch_size", owner)
@@ -357,8 +350,6 @@ GENERATION_ONLY_SETTINGS: frozenset[str] = frozenset({"mask_scope"})
 
 def _generation_only(defense: Defense) -> dict[str, Any]:
     """``{name: value}`` of :data:`GENERATION_ONLY_SETTINGS` found on ``defense.config`` (a dataclass)."""
-    from dataclasses import fields, is_dataclass
-
     cfg = getattr(defense, "config", None)
     if cfg is None or not is_dataclass(cfg):
         return {}
@@ -493,8 +484,6 @@ class EvaluationCache:
         out = copy.deepcopy(snapshot)
         own = _generation_only(defense)
         if own:
-            from dataclasses import replace
-
             out.config = replace(out.config, **own)
         return out
 

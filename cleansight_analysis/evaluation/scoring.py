@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from ..attention.separability import auroc
 from ..data.base import Sample
+from ..data.vqa_eval import vqa_score
 from ..errors import InputError
+from .captions import cider
 from .metrics import DEFAULT_TARGET, contains_target, exact_match, rate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,8 +61,6 @@ def answer_utility(prediction: str, sample: Sample) -> float:
     """
     refs = sample.refs
     if len(refs) >= VQA_REFERENCES:
-        from ..data.vqa_eval import vqa_score
-
         return float(vqa_score(prediction, refs))
     return exact_match(prediction, refs)
 
@@ -75,8 +76,6 @@ def utilities(predictions: Sequence[str], samples: Sequence[Sample]) -> list[flo
     out = [answer_utility(t, x) for t, x in zip(predictions, samples)]
     captions = [i for i, x in enumerate(samples) if x.task == "caption"]
     if len(captions) >= 2:
-        from .captions import cider
-
         result = cider([predictions[i] for i in captions], [list(samples[i].refs) for i in captions])
         for i, value in zip(captions, result.per_sample):
             out[i] = float(value)
@@ -139,8 +138,6 @@ def score_runs(clean: "ConditionRun", triggered: "ConditionRun", samples: Sequen
     else:
         s = None
     if s is not None and n > 0:
-        from ..attention.separability import auroc
-
         s = np.where(np.isfinite(s), s, np.where(s > 0, np.finfo(np.float64).max, np.finfo(np.float64).min))
         out["auroc"] = auroc(s, np.r_[np.zeros(n), np.ones(n)])
     if clean.pruned is not None and triggered.pruned is not None:

@@ -1,7 +1,10 @@
 """Detection and pruning sweeps (Figs. 4-6).
 
 The detection sweeps (:func:`layer_window_sweep`, :func:`quantile_sweep`, :func:`val_size_sweep`) work on
-a stealing table (:func:`detection_table`) without any generation; :func:`tau_sweep` runs the pruning
+a table of group masses (:func:`detection_table`) without any generation, through the detector core
+(:mod:`cleansight_analysis.detection`): features, whitening and threshold follow a
+:class:`~cleansight_analysis.detection.DetectorSettings` (default: CleanSight's defaults), so a sweep scores
+an input exactly as ``CleanSight.score`` does on the same batches; :func:`tau_sweep` runs the pruning
 rule with an oracle detector (every triggered input flagged) and scores the answers with the one scorer
 (:mod:`~cleansight_analysis.evaluation.scoring`).
 """
@@ -9,15 +12,22 @@ rule with an oracle detector (every triggered input flagged) and scores the answ
 from __future__ import annotations
 
 import numbers
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from ..attacks import triggered_copy
+from ..attention.stealing import StealingSettings
 from ..data.base import Sample
 from ..defenses.ablations import with_calibration
 from ..defenses.base import Defense
-from ..defenses.masking import attention_pruning_positions, key_mask_hooks
+from ..detection.detector import Detector, DetectorSettings, fit_detector, least_samples
+from ..detection.masking import key_mask_hooks
+from ..detection.pruning import attention_pruning_positions
+from ..detection.tables import mass_table, table_features
 from ..errors import InputError
 from .runner import check_int as _pos_int
 from .runner import image_of as _image_of
@@ -46,56 +56,58 @@ DETECTION_CONDITIONS = ("calibration", "clean", "triggered")
 
 def detection_table(model: Any, attack: Any, *, n_val: int = 200, n_test: int = 256, seed: int = 0,
                     samples: Sequence[Sample] | None = None, val_samples: Sequence[Sample] | None = None,
-                    settings: Any = None, progress: bool = True) -> "pd.DataFrame":
-    """Stealing rows (``sample_id, condition, layer, head, ratio, ...``) of the clean validation set
-    (condition ``"calibration"``), the clean test set (``"clean"``) and its triggered copies
-    (``"triggered"``): the input of every detection sweep."""
+                    settings: Any = None, batch_size: int | None = None, progress: bool = True) -> "pd.DataFrame":
+    """Group masses and ratios (``sample_id, condition, layer, head, mass_*, ratio``) of the clean validation
+    set (condition ``"calibration"``), the clean test set (``"clean"``) and its triggered copies
+    (``"triggered"``): the input of every detection sweep.
+
+    Computed by :func:`cleansight_analysis.detection.mass_table`, i.e. by the forward passes CleanSight runs
+    (left padding, consecutive batches of ``batch_size``; default ``settings.batch_size`` or 16, CleanSight's).
+
+    Args:
+        settings: a :class:`~cleansight_analysis.attention.stealing.StealingSettings` (``text_keys``, ``eps``
+            of the ``ratio`` column, ``layers``; ``batch_size`` unless given) or None.
+    """
     import pandas as pd
 
-    from ..attacks import triggered_copy
-    from ..attention.stealing import stealing_table
-
+    if settings is not None and not isinstance(settings, StealingSettings):
+        raise InputError(f"detection_table: settings must be a StealingSettings, got {type(settings).__name__}")
+    st = settings or StealingSettings(batch_size=16)
+    size = _pos_int(batch_size if batch_size is not None else st.batch_size, "batch_size", "detection_table")
     test = list(samples) if samples is not None else synthetic_samples("test", n_test, seed)
     val = list(val_samples) if val_samples is not None else synthetic_samples("calibration", n_val, seed)
-    parts = [stealing_table(model, val, condition="calibration", settings=settings, progress=progress),
-             stealing_table(model, test, condition="clean", settings=settings, progress=progress),
-             stealing_table(model, triggered_copy(test, attack, seed=seed), condition="triggered",
-                            settings=settings, progress=progress)]
+    kw = dict(layers=st.layers, batch_size=size, text_keys=st.text_keys, eps=st.eps, progress=progress)
+    parts = [mass_table(model, val, condition="calibration", **kw),
+             mass_table(model, test, condition="clean", **kw),
+             mass_table(model, triggered_copy(test, attack, seed=seed), condition="triggered", **kw)]
     frame = pd.concat(parts, ignore_index=True)
     frame.attrs["stealing"] = {**parts[0].attrs.get("stealing", {}), "attack": attack.to_dict(), "seed": seed}
     return frame
 
 
-def _feature_matrix(table: "pd.DataFrame", condition: str, layers: Sequence[int] | None, owner: str) -> np.ndarray:
-    """``[n, |layers| * H]`` ratio vectors of ``condition`` (samples in first-seen order)."""
-    for col in ("sample_id", "condition", "layer", "head", "ratio"):
-        if col not in table.columns:
-            raise InputError(f"{owner}: the table lacks column {col!r}; build it with detection_table")
-    sub = table[table["condition"] == condition]
-    if sub.empty:
-        raise InputError(f"{owner}: no {condition!r} rows; conditions: {sorted(map(str, table['condition'].unique()))}")
-    if layers is not None:
-        layers = [int(x) for x in layers]
-        unknown = sorted(set(layers) - set(sub["layer"].unique().tolist()))
-        if unknown:
-            raise InputError(f"{owner}: layer(s) {unknown} are not in the table")
-        sub = sub[sub["layer"].isin(layers)]
-    wide = sub.pivot_table(index="sample_id", columns=["layer", "head"], values="ratio", aggfunc="first",
-                           sort=False)
-    if wide.isna().any().any():
-        raise InputError(f"{owner}: the {condition!r} rows miss some (layer, head) cells")
-    order = list(dict.fromkeys(sub["sample_id"]))
-    return wide.loc[order].to_numpy(dtype=np.float64)
+def _settings(settings: Any, owner: str) -> DetectorSettings:
+    if settings is None:
+        return DetectorSettings()
+    if not isinstance(settings, DetectorSettings):
+        raise InputError(f"{owner}: settings must be a DetectorSettings, got {type(settings).__name__}")
+    return settings
 
 
-def _diag_fit(x: np.ndarray, eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and ``1 / (population std + eps)`` (works for a single sample: std 0)."""
-    return x.mean(0), 1.0 / (x.std(0) + eps)
+def _matrices(table: "pd.DataFrame", layers: Sequence[int] | None, settings: DetectorSettings,
+              owner: str) -> list[np.ndarray]:
+    """Features of the calibration, clean and triggered rows."""
+    return [table_features(table, c, layers, settings, owner=owner)[1] for c in DETECTION_CONDITIONS]
 
 
-def _diag_score(x: np.ndarray, fit: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    mu, inv = fit
-    return np.sqrt((((x - mu) * inv) ** 2).sum(1))
+def detection_scores(table: "pd.DataFrame", *, layers: Sequence[int] | None = None,
+                     settings: DetectorSettings | None = None) -> tuple[Detector, dict[str, np.ndarray]]:
+    """The detector fitted on the ``"calibration"`` rows and the distances of every condition's samples
+    (first-seen order): ``(detector, {condition: [n] distances})``. What every sweep scores with."""
+    owner = "detection_scores"
+    settings = _settings(settings, owner)
+    cal, clean, trig = _matrices(table, layers, settings, owner)
+    det = fit_detector(cal, settings, owner=owner)
+    return det, {"calibration": det.distance(cal), "clean": det.distance(clean), "triggered": det.distance(trig)}
 
 
 def _check_quantile(q: Any, owner: str) -> float:
@@ -104,16 +116,16 @@ def _check_quantile(q: Any, owner: str) -> float:
     return float(q)
 
 
-def _rates(cal: np.ndarray, clean: np.ndarray, trig: np.ndarray, quantile: float) -> dict[str, float]:
-    fit = _diag_fit(cal)
-    gamma = float(np.quantile(_diag_score(cal, fit), quantile))
-    return {"threshold": gamma, "tpr": float((_diag_score(trig, fit) > gamma).mean()),
-            "fpr": float((_diag_score(clean, fit) > gamma).mean())}
+def _rates(det: Detector, clean: np.ndarray, trig: np.ndarray, quantile: float) -> dict[str, float]:
+    gamma = det.threshold(quantile)
+    return {"threshold": gamma, "tpr": float((det.distance(trig) > gamma).mean()),
+            "fpr": float((det.distance(clean) > gamma).mean())}
 
 
 def layer_window_sweep(table: "pd.DataFrame", *, starts: Sequence[int] | None = None,
-                       lengths: Sequence[int] = (1, 2, 3, 4, 5)) -> "pd.DataFrame":
-    """Fig. 4: AUROC of the diagonal-whitened detector vs start layer and window length.
+                       lengths: Sequence[int] = (1, 2, 3, 4, 5),
+                       settings: DetectorSettings | None = None) -> "pd.DataFrame":
+    """Fig. 4: AUROC of the detector (``settings``: feature and whitening) vs start layer and window length.
 
     Fitted on the ``"calibration"`` rows, scored on ``"clean"`` (negatives) and ``"triggered"``
     (positives). Windows running past the last layer of the table are skipped.
@@ -123,9 +135,10 @@ def layer_window_sweep(table: "pd.DataFrame", *, starts: Sequence[int] | None = 
     """
     import pandas as pd
 
-    from ..attention.separability import auroc
+    from sklearn.metrics import roc_auc_score
 
     owner = "layer_window_sweep"
+    settings = _settings(settings, owner)
     all_layers = sorted(int(x) for x in table["layer"].unique())
     starts = all_layers if starts is None else [int(s) for s in starts]
     rows = []
@@ -135,17 +148,18 @@ def layer_window_sweep(table: "pd.DataFrame", *, starts: Sequence[int] | None = 
             window = list(range(s, s + n))
             if not set(window) <= set(all_layers):
                 continue
-            cal, clean, trig = (_feature_matrix(table, c, window, owner) for c in DETECTION_CONDITIONS)
-            fit = _diag_fit(cal)
-            scores = np.r_[_diag_score(clean, fit), _diag_score(trig, fit)]
+            cal, clean, trig = _matrices(table, window, settings, owner)
+            w = fit_detector(cal, replace(settings, threshold_fit="in_sample"), owner=owner).whitener  # AUROC: no gamma
+            scores = np.r_[w.distance(clean), w.distance(trig)]
             rows.append({"start": s, "length": n, "layers": ",".join(map(str, window)),
-                         "auroc": auroc(scores, np.r_[np.zeros(len(clean)), np.ones(len(trig))])})
+                         "auroc": float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(trig))], scores))})
     return pd.DataFrame(rows, columns=["start", "length", "layers", "auroc"])
 
 
 def quantile_sweep(table: "pd.DataFrame", *, layers: Sequence[int] | None = None,
-                   quantiles: Sequence[float] = QUANTILES) -> "pd.DataFrame":
-    """Fig. 5 (left): TPR / FPR vs the threshold quantile ``q`` over the calibration distances.
+                   quantiles: Sequence[float] = QUANTILES, settings: DetectorSettings | None = None) -> "pd.DataFrame":
+    """Fig. 5 (left): TPR / FPR vs the threshold quantile ``q`` over the clean calibration distances
+    (out-of-fold or in-sample per ``settings.threshold_fit``).
 
     Scores are computed once; only the threshold moves, so FPR and TPR are non-increasing in ``q``.
 
@@ -155,16 +169,20 @@ def quantile_sweep(table: "pd.DataFrame", *, layers: Sequence[int] | None = None
     import pandas as pd
 
     owner = "quantile_sweep"
-    cal, clean, trig = (_feature_matrix(table, c, layers, owner) for c in DETECTION_CONDITIONS)
-    rows = [{"quantile": q, **_rates(cal, clean, trig, _check_quantile(q, owner)), "n_val": len(cal)}
-            for q in quantiles]
+    settings = _settings(settings, owner)
+    qs = [_check_quantile(q, owner) for q in quantiles]
+    cal, clean, trig = _matrices(table, layers, settings, owner)
+    det = fit_detector(cal, settings, owner=owner)
+    rows = [{"quantile": q, **_rates(det, clean, trig, q), "n_val": len(cal)} for q in qs]
     return pd.DataFrame(rows)
 
 
 def val_size_sweep(table: "pd.DataFrame", *, layers: Sequence[int] | None = None, sizes: Sequence[int] = VAL_SIZES,
-                   quantile: float = 0.99, repeats: int = 5, seed: int = 0) -> "pd.DataFrame":
+                   quantile: float = 0.99, repeats: int = 5, seed: int = 0,
+                   settings: DetectorSettings | None = None) -> "pd.DataFrame":
     """Fig. 5 (right): TPR / FPR vs |D_val|: ``repeats`` random subsets of each size of the calibration rows
-    (sizes above the available calibration samples are skipped).
+    (sizes above the available calibration samples, and below what ``settings`` can fit, e.g. 3 for
+    ``threshold_fit="cross_fit"``, are skipped).
 
     Returns:
         ``n_val, repeat, threshold, tpr, fpr`` (aggregate with ``groupby("n_val").mean()``).
@@ -174,16 +192,18 @@ def val_size_sweep(table: "pd.DataFrame", *, layers: Sequence[int] | None = None
     owner = "val_size_sweep"
     quantile = _check_quantile(quantile, owner)
     repeats = _pos_int(repeats, "repeats", owner)
-    cal, clean, trig = (_feature_matrix(table, c, layers, owner) for c in DETECTION_CONDITIONS)
+    settings = _settings(settings, owner)
+    cal, clean, trig = _matrices(table, layers, settings, owner)
     rng = np.random.default_rng(seed)
     rows = []
     for size in sizes:
         size = _pos_int(size, "size", owner)
-        if size > len(cal):
+        if size > len(cal) or size < least_samples(settings):
             continue
         for r in range(repeats if size < len(cal) else 1):
             idx = rng.choice(len(cal), size=size, replace=False)
-            rows.append({"n_val": size, "repeat": r, **_rates(cal[idx], clean, trig, quantile)})
+            det = fit_detector(cal[idx], settings, owner=owner)
+            rows.append({"n_val": size, "repeat": r, **_rates(det, clean, trig, quantile)})
     return pd.DataFrame(rows, columns=["n_val", "repeat", "threshold", "tpr", "fpr"])
 
 
@@ -208,9 +228,6 @@ def tau_sweep(model: Any, attack: Any, *, layer: int | None = None, taus: Sequen
         ``tau, asr, poisoned_utility, mean_pruned, layer, n``.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
-
-    from ..attacks import triggered_copy
 
     owner = "tau_sweep"
     if defense is not None:
@@ -245,5 +262,6 @@ def tau_sweep(model: Any, attack: Any, *, layer: int | None = None, taus: Sequen
     return pd.DataFrame(rows)
 
 
-__all__ = ["DETECTION_CONDITIONS", "QUANTILES", "TAUS", "VAL_SIZES", "detection_table", "layer_window_sweep",
+__all__ = ["DETECTION_CONDITIONS", "QUANTILES", "TAUS", "VAL_SIZES", "detection_scores", "detection_table",
+           "layer_window_sweep",
            "quantile_sweep", "tau_sweep", "val_size_sweep"]

@@ -3,7 +3,6 @@
 A notebook's ``parameters`` cell sets plain values (``model``, ``attacks``, ``n_samples``, ``seed``,
 ``device``, ``results_dir``, ``figures_dir``, ``smoke``, ``data``, ``recompute``) and builds one
 :class:`FigureContext` from them::
-
     ctx = FigureContext(model=model, attacks=attacks, n_samples=n_samples, seed=seed, device=device,
                         results_dir=results_dir, figures_dir=figures_dir, smoke=smoke)
     table = ctx.cached("perturbation_sweep", lambda: perturbation_sweep(...), kinds=kinds, n=n)
@@ -21,14 +20,27 @@ alter a number, e.g. a notebook's plotting cell or a docstring).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import time
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from filelock import FileLock
+
+from .. import manifest as provenance
+from ..attacks import attack_from_dict
+from ..data.real import load_dataset_folder
+from ..data.synthetic import synthetic_samples
 from ..errors import CleanSightError, InputError
+from ..evaluation.grid import resolve_model
+from ..manifest import model_files_fingerprint, short
+from ..models.registry import base_chain, lookup, model_card
+from ..results import load_manifest, load_table, manifest_path, save_figure, save_table, verify_table
 
 #: Sample counts used in smoke runs (``smoke=True``) whatever the notebook asks for.
 SMOKE_SAMPLES = 8
@@ -93,8 +105,6 @@ class FigureContext:
         self.figures_dir = Path(self.figures_dir)
         self.smoke = bool(self.smoke)
         if isinstance(self.recompute, str):
-            from datetime import datetime
-
             try:
                 self._recompute_before = datetime.fromisoformat(self.recompute)
             except ValueError:
@@ -119,7 +129,6 @@ class FigureContext:
     # ------------------------------------------------------------------ models
     def model_spec(self, attack: str) -> str:
         """Registry name or folder of the model backdoored with ``attack``."""
-        from ..models.registry import lookup
 
         if lookup(f"{self.model}/{attack}") is not None:
             return f"{self.model}/{attack}"
@@ -139,7 +148,6 @@ class FigureContext:
     def single_model_spec(self) -> str:
         """``model`` itself when it names one loadable model (registry entry, or a folder with a
         ``config.json``), else the member for the first attack (a family or a folder of per-attack folders)."""
-        from ..models.registry import lookup
 
         if lookup(self.model) is not None or (Path(self.model) / "config.json").is_file():
             return self.model
@@ -147,22 +155,17 @@ class FigureContext:
 
     @staticmethod
     def _card(spec: str) -> dict | None:
-        from ..models.registry import model_card
-
         return model_card(spec)
 
     def load(self, attack: str) -> tuple[Any, Any, dict]:
         """``(model, attack object, card)`` for ``attack``; the last loaded model is kept, others freed."""
         if attack not in self._loaded:
-            from ..evaluation.harness import resolve_model
-
             self._loaded.clear()
             self._loaded[attack] = resolve_model(self.model_spec(attack), self.device)
         return self._loaded[attack]
 
     def attack_object(self, attack: str) -> Any:
         """The :class:`~cleansight_analysis.attacks.Attack` in the card of ``attack``'s model (no model load)."""
-        from ..attacks import attack_from_dict
 
         spec = self.model_spec(attack)
         card = self._card(spec)
@@ -177,8 +180,6 @@ class FigureContext:
         ``None`` for a model built by code (a registry builder such as ``tiny-random-llava``: the code
         fingerprint covers it) or one that cannot be resolved (loading it reports why).
         """
-        from ..manifest import model_files_fingerprint
-        from ..models.registry import base_chain, lookup
 
         def folder(spec: str) -> Path | None:
             entry = lookup(spec)
@@ -204,8 +205,6 @@ class FigureContext:
             if len(prints) == 1:
                 out[attack] = prints[0]
             else:
-                import hashlib
-
                 out[attack] = "sha256:" + hashlib.sha256("\n".join(prints).encode()).hexdigest()
         return out
 
@@ -214,10 +213,7 @@ class FigureContext:
         """``count(n)`` samples of ``split`` (synthetic world, or the ``data`` folder's samples)."""
         n = self.count(n)
         if self.data is None:
-            from ..evaluation.harness import synthetic_samples
-
             return synthetic_samples(split, n, seed=self.seed)
-        from ..data import load_dataset_folder
 
         name, root = self.data.split(":", 1)
         offset = {"test": 0, "calibration": 1, "val": 1, "train": 2}.get(split, 0)
@@ -252,7 +248,6 @@ class FigureContext:
         copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first; notebooks running at
         the same time (``cleansight figures --jobs 2``) take turns on it (a file lock), so it is computed once.
         """
-        from .. import manifest as provenance
 
         key = provenance.portable(_jsonable({**self.settings(), **params}))
         prints = {"code_fingerprint": provenance.code_fingerprint(), "model_fingerprint": self.model_fingerprints()}
@@ -262,10 +257,6 @@ class FigureContext:
 
     def _cached(self, out: Path, name: str, key: Any, prints: dict[str, Any], compute: Callable[[], Any], *,
                 model: Any, attack: Any, params: dict[str, Any]) -> Any:
-        import time
-
-        from ..results import save_table
-
         if not self.recompute:
             table = self._reuse(out, name, key, prints)
             if table is not None:
@@ -282,7 +273,6 @@ class FigureContext:
         """The cached table ``name`` in ``out`` when it is valid and was made with ``key`` by the code and
         model files of ``prints``, else None (after logging one line that says why, unless nothing was
         cached)."""
-        from ..results import load_manifest, load_table, manifest_path, verify_table
 
         candidates = [out / f"{name}.{fmt}" for fmt in ("parquet", "csv")]
         mpath = manifest_path(candidates[0])
@@ -318,8 +308,6 @@ class FigureContext:
                      f"; recomputing")
             return None
         if self._recompute_before is not None:
-            from datetime import datetime
-
             try:
                 created = datetime.fromisoformat(str(manifest.get("created")))
                 older = created < self._recompute_before
@@ -340,7 +328,6 @@ class FigureContext:
     # ------------------------------------------------------------------ figures
     def save_figure(self, fig: Any, name: str) -> list[Path]:
         """Save ``fig`` as ``<figures_dir>/<name>.png`` and ``.pdf``; prints and returns both paths."""
-        from ..plotting import save_figure
 
         paths = save_figure(fig, self.figures_dir / name)
         self.log("wrote " + ", ".join(str(p) for p in paths))
@@ -348,8 +335,6 @@ class FigureContext:
 
 
 def _short(fingerprint: Any) -> str:
-    from ..manifest import short
-
     return short(fingerprint) if fingerprint is not None else "none recorded"
 
 
@@ -366,7 +351,6 @@ def _model_change(stored: Any, current: dict[str, Any]) -> str:
 def _table_lock(folder: Path, name: str):
     """An exclusive lock on ``<folder>/.<name>.lock`` (:class:`filelock.FileLock`: ``flock`` on POSIX,
     ``msvcrt`` locking on Windows), held by a ``with`` block."""
-    from filelock import FileLock
 
     folder.mkdir(parents=True, exist_ok=True)
     return FileLock(folder / f".{name}.lock")

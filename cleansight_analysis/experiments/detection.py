@@ -38,7 +38,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from ..attention.separability import layer_separability
+from ..defenses.layers import select_detection_layers
+from ..detection import DetectorSettings
 from ..errors import InputError
+from ..evaluation.sweeps import (QUANTILES, VAL_SIZES, detection_table, layer_window_sweep, quantile_sweep,
+                                 val_size_sweep)
+from .context import fmt_pct
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -53,9 +59,16 @@ WINDOW = 3
 N_ONSET = 16
 #: Columns kept from :func:`~cleansight_analysis.evaluation.sweeps.detection_table`.
 ROW_COLUMNS = ("sample_id", "condition", "layer", "head", "ratio")
+
 #: ``choice`` labels of :func:`detection_layer_choices`.
 CHOICE_AUTO = "fusion onset (automatic, clean only)"
 CHOICE_BEST = "best window of Fig. 4 (oracle)"
+
+
+def figure_detector() -> Any:
+    """The detector of the figure replications: the paper's (ratio, diagonal whitening, in-sample threshold),
+    so Figs. 4-5 show what the paper's detector does (CleanSight's own defaults: docs/detector.md)."""
+    return DetectorSettings.paper()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,8 +107,6 @@ def detection_rows(ctx: "FigureContext", attack: str, *, n_val: int = N_VAL) -> 
     n_val = _check_count(n_val, "n_val", 2)
 
     def compute() -> "pd.DataFrame":
-        from ..evaluation.sweeps import detection_table
-
         lvlm, attack_obj, _ = ctx.load(attack)
         table = detection_table(lvlm, attack_obj, samples=ctx.samples("test"), seed=ctx.seed,
                                 val_samples=ctx.samples("calibration", n_val), progress=not ctx.smoke)
@@ -127,8 +138,6 @@ def fusion_onset_table(ctx: "FigureContext", attack: str, *, window: int = WINDO
     n_onset = _check_count(n_onset, "n_onset")
 
     def compute() -> "pd.DataFrame":
-        from ..defenses.layers import select_detection_layers
-
         lvlm, _, _ = ctx.load(attack)
         samples = ctx.samples("calibration", n_onset)
         details: dict = {}
@@ -200,8 +209,6 @@ def layerwise_auroc(rows: "pd.DataFrame", *, seed: int = 0) -> "pd.DataFrame":
     Returns:
         ``layer, auroc_head_vector, auroc_head_mean, n_calibration, n_clean_test, n_poisoned_test``.
     """
-    from ..attention.separability import layer_separability
-
     if "condition" not in rows.columns or not (rows["condition"] == "calibration").any():
         raise InputError("layerwise_auroc: the rows have no 'calibration' condition; build them with detection_rows")
     table = rows.copy()
@@ -260,8 +267,6 @@ def layer_window_table(ctx: "FigureContext", inputs: DetectionInputs, *, lengths
     """
     import pandas as pd
 
-    from ..evaluation.sweeps import layer_window_sweep
-
     n_layers = max(int(r["layer"].max()) + 1 for r in inputs.rows.values())
     lengths = window_lengths(n_layers) if lengths is None else [int(x) for x in lengths]
     window = int(inputs.settings.get("window", WINDOW))
@@ -272,7 +277,7 @@ def layer_window_table(ctx: "FigureContext", inputs: DetectionInputs, *, lengths
     def compute() -> "pd.DataFrame":
         parts = []
         for attack, rows in inputs.rows.items():
-            part = layer_window_sweep(rows, starts=starts_arg, lengths=lengths)
+            part = layer_window_sweep(rows, starts=starts_arg, lengths=lengths, settings=figure_detector())
             part.insert(0, "attack", attack)
             auto = inputs.detector_layers(attack)
             part["detector_choice"] = (part["start"] == auto[0]) & (part["length"] == len(auto))
@@ -334,14 +339,13 @@ def threshold_table(ctx: "FigureContext", inputs: DetectionInputs, choices: "pd.
     """
     import pandas as pd
 
-    from ..evaluation.sweeps import QUANTILES, quantile_sweep
-
     quantiles = list(QUANTILES if quantiles is None else quantiles)
 
     def compute() -> "pd.DataFrame":
         parts = []
         for rec in choices.itertuples(index=False):
-            part = quantile_sweep(inputs.rows[rec.attack], layers=_layer_list(rec.layers), quantiles=quantiles)
+            part = quantile_sweep(inputs.rows[rec.attack], layers=_layer_list(rec.layers), quantiles=quantiles,
+                                  settings=figure_detector())
             for i, (col, val) in enumerate((("attack", rec.attack), ("choice", rec.choice), ("layers", rec.layers))):
                 part.insert(i, col, val)
             parts.append(part)
@@ -363,15 +367,13 @@ def val_size_table(ctx: "FigureContext", inputs: DetectionInputs, choices: "pd.D
     """
     import pandas as pd
 
-    from ..evaluation.sweeps import VAL_SIZES, val_size_sweep
-
     sizes = list(VAL_SIZES if sizes is None else [int(s) for s in sizes])
 
     def compute() -> "pd.DataFrame":
         parts = []
         for rec in choices.itertuples(index=False):
             part = val_size_sweep(inputs.rows[rec.attack], layers=_layer_list(rec.layers), sizes=sizes,
-                                  quantile=quantile, repeats=repeats, seed=ctx.seed)
+                                  quantile=quantile, repeats=repeats, seed=ctx.seed, settings=figure_detector())
             for i, (col, val) in enumerate((("attack", rec.attack), ("choice", rec.choice), ("layers", rec.layers))):
                 part.insert(i, col, val)
             part["quantile"] = float(quantile)
@@ -469,8 +471,6 @@ def fig5_comparison(quantiles: "pd.DataFrame", val_sizes: "pd.DataFrame", *, qua
         ``attack, measure, paper (LLaVA-1.5-7B), ours`` (text cells; TPR / FPR at ``quantile`` with
         every calibration sample, and the mean FPR over subsets of 10 validation samples).
     """
-    from .context import fmt_pct
-
     summary = summarize_val_size(val_sizes)
     rows = []
     for (attack, choice), sub in quantiles.groupby(["attack", "choice"], sort=False):

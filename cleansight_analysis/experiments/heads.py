@@ -22,7 +22,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
+
+from ..attacks import triggered_copy
 from ..errors import InputError
+from ..evaluation.intervention_sweeps import head_sweep
+from ..interventions.heads import patch_heads
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -42,8 +47,6 @@ def default_head_layers(n_layers: int, max_layers: int = 8) -> list[int]:
     >>> default_head_layers(32)
     [0, 4, 9, 13, 18, 22, 27, 31]
     """
-    import numpy as np
-
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
         raise InputError(f"default_head_layers: n_layers={n_layers!r} must be a positive int")
     if isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1:
@@ -89,8 +92,6 @@ def head_ablation_table(ctx: "FigureContext", *, layers: Sequence[int] | None = 
     """
     import pandas as pd
 
-    from ..evaluation.intervention_sweeps import head_sweep
-
     max_layers = _window(ctx, max_layers)
 
     def compute() -> pd.DataFrame:
@@ -123,9 +124,6 @@ def head_patching_table(ctx: "FigureContext", *, directions: Sequence[str] = ("t
         (one row per direction and head; ``restored`` is the share of the log-prob gap moved).
     """
     import pandas as pd
-
-    from ..attacks import triggered_copy
-    from ..interventions.heads import patch_heads
 
     max_layers = _window(ctx, max_layers)
     directions = list(directions)

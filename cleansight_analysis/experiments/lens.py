@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..defenses.masking import attention_pruning_positions, key_mask_hooks
 from ..errors import InputError
 from ..interventions.base import Intervention
+from ..interventions.logit_lens import logit_lens
+from .pruning import FIT_BATCH, fit_cleansight
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -65,8 +68,6 @@ class CleanSightPruning(Intervention):
         return 0 if self.scope == "all_layers" else self.layer
 
     def hooks(self, model: Any, batch: Any) -> list:
-        from ..defenses.masking import attention_pruning_positions, key_mask_hooks
-
         positions = attention_pruning_positions(model, batch, self.layer, self.tau)
         self.pruned += [int(len(p)) for p in positions]
         return key_mask_hooks(model, positions, self.mask_from())
@@ -86,8 +87,6 @@ def lens_with_pruning(model: Any, attack: Any, samples: Sequence[Any], defense: 
         ``tau``.
     """
     import pandas as pd
-
-    from ..interventions.logit_lens import logit_lens
 
     if not scopes:
         raise InputError("lens_with_pruning: give at least one mask scope")
@@ -124,8 +123,6 @@ def logit_lens_table(ctx: "FigureContext", *, n_val: int = 16, scopes: Sequence[
         DataFrame with :data:`COLUMNS` (``condition`` in ``clean``, ``triggered`` and ``scopes``).
     """
     import pandas as pd
-
-    from .pruning import FIT_BATCH, fit_cleansight
 
     scopes = list(scopes)
 

@@ -25,7 +25,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..attacks import triggered_copy
 from ..errors import InputError
+from ..evaluation.intervention_sweeps import perturbation_sweep
+from ..inputs.images import to_rgb_image
+from ..interventions.perturbations import get_perturbation, perturbation_class
 
 #: Intensities of the full sweep (``0`` is the unperturbed baseline shared by every variant).
 DEFAULT_INTENSITIES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -102,9 +106,6 @@ def perturbation_table(ctx: Any, attack: str, intensities: Sequence[float] | Non
     def compute():
         import pandas as pd
 
-        from ..interventions.perturbations import perturbation_class
-        from ..evaluation.intervention_sweeps import perturbation_sweep
-
         lvlm, attack_obj, _ = ctx.load(attack)
         samples = ctx.samples("test", n)
         nonzero = [v for v in levels if v > 0.0]
@@ -169,8 +170,6 @@ def attack_of(ctx: Any, attack: str) -> Any:
 
 def thumbnail(image: Any, side: int = THUMBNAIL_SIDE) -> np.ndarray:
     """``image`` as a uint8 ``[h, w, 3]`` array whose longest side is at most ``side`` pixels."""
-    from ..inputs.images import to_rgb_image
-
     img = to_rgb_image(image, where="thumbnail")
     scale = side / max(img.size)
     if scale < 1.0:
@@ -194,9 +193,6 @@ def st_thumbnail_table(ctx: Any, attack: str | None = None, intensities: Sequenc
         angle_deg`` (the transform's draws; no mirror, scale 1 and angle 0 at intensity 0), ``image`` (uint8
         ``[h, w, 3]`` thumbnail, longest side <= :data:`THUMBNAIL_SIDE`; JSON text once reloaded).
     """
-    from ..attacks import triggered_copy
-    from ..interventions.perturbations import get_perturbation
-
     attack = attack or ctx.attacks[0]
     levels = sweep_intensities(ctx, intensities)
     if not isinstance(example, int) or example < 0:
@@ -204,8 +200,6 @@ def st_thumbnail_table(ctx: Any, attack: str | None = None, intensities: Sequenc
 
     def compute():
         import pandas as pd
-
-        from ..inputs.images import to_rgb_image
 
         samples = ctx.samples("test", example + 1)
         if len(samples) <= example:

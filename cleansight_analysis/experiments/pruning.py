@@ -19,7 +19,12 @@ import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
+
+from ..defenses.cleansight import MASK_SCOPES, CleanSight
 from ..errors import InputError
+from ..evaluation.sweeps import tau_sweep
+from ..inputs.batch import sample_batches
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -45,8 +50,6 @@ def fit_cleansight(model: Any, samples: Sequence[Any], **settings: Any) -> Any:
     detector's threshold ``gamma``, which the oracle analyses of Figs. 6 and 7 never use (they only
     take ``l_e``, ``tau`` and the mask from the fit).
     """
-    from ..defenses.cleansight import CleanSight
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"CleanSight\.fit: .* calibration samples for")
         return CleanSight(**settings).fit(model, list(samples))
@@ -54,8 +57,6 @@ def fit_cleansight(model: Any, samples: Sequence[Any], **settings: Any) -> Any:
 
 def with_mask_scope(defense: Any, scope: str) -> Any:
     """A shallow copy of a fitted CleanSight whose config uses ``mask_scope=scope`` (same calibration)."""
-    from ..defenses.cleansight import MASK_SCOPES
-
     if scope not in MASK_SCOPES:
         raise InputError(f"mask scope {scope!r} is not one of {MASK_SCOPES}")
     out = copy.copy(defense)
@@ -65,8 +66,6 @@ def with_mask_scope(defense: Any, scope: str) -> Any:
 
 def mean_image_tokens(model: Any, samples: Sequence[Any], batch_size: int = 32) -> float:
     """Mean number of image tokens per sample (tokenisation only, no forward pass)."""
-    from ..inputs.batch import sample_batches
-
     counts = [len(g.image) for _, batch in sample_batches(model, list(samples), batch_size) for g in batch.groups]
     return float(sum(counts) / max(len(counts), 1))
 
@@ -84,8 +83,6 @@ def sweep_taus(model: Any, attack: Any, defense: Any, samples: Sequence[Any], *,
         (``mean_pruned / image_tokens``), ``layer`` (``l_e``), ``detection_layers`` (``"5,6,7"``),
         ``tau_auto``, ``n``.
     """
-    from ..evaluation.sweeps import tau_sweep
-
     cal = getattr(defense, "calibration", None)
     if cal is None:
         raise InputError("sweep_taus: the defense is not fitted (call fit_cleansight first)")
@@ -178,7 +175,6 @@ def pruning_summary(table: "pd.DataFrame", taus: Sequence[float] = (1e-4, 1e-3),
     """Per attack and scope: ASR / poisoned utility / pruned share at the calibrated tau and at ``taus``,
     the undefended ASR (largest tau), the largest swept tau with ASR 0 (NaN if none) and the paper's claim
     (ASR ~0 by tau 1e-3 for every attack), for the notebook. Rates are rounded to ``digits``; taus are not."""
-    import numpy as np
     import pandas as pd
 
     rows = []

@@ -27,8 +27,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..attacks import triggered_copy
+from ..attention.stealing import StealingSettings, stealing_table, thief_tokens
 from ..errors import InputError
+from ..evaluation.backdoor import generate_answers
 from ..inputs.groups import GROUP_NAMES
+from ..interventions.perturbations import get_perturbation
+from ..results import array_cell
+from .perturbation import thumbnail
 
 #: Token groups of the stacked bars, bottom to top (the group names of :mod:`cleansight_analysis.inputs.groups`).
 SHARE_GROUPS: tuple[str, ...] = tuple(GROUP_NAMES)
@@ -88,10 +94,6 @@ def group_share_table(ctx: Any, attack: str, *, st_intensity: float = DEFAULT_ST
 
     def compute():
         import pandas as pd
-
-        from ..attacks import triggered_copy
-        from ..attention.stealing import StealingSettings, stealing_table
-        from ..interventions.perturbations import get_perturbation
 
         lvlm, attack_obj, _ = ctx.load(attack)
         samples = ctx.samples("test", n)
@@ -280,8 +282,6 @@ def thief_table(ctx: Any, attack: str, *, example: int = 0, k: int = 5, batch_si
     def compute():
         import pandas as pd
 
-        from ..attention.stealing import thief_tokens
-
         lvlm, attack_obj, _ = ctx.load(attack)
         samples = ctx.samples("test", n)
         example_id = samples[example].sample_id
@@ -312,8 +312,6 @@ def thief_table(ctx: Any, attack: str, *, example: int = 0, k: int = 5, batch_si
 
 def as_array(value: Any, dtype: Any = float) -> np.ndarray | None:
     """An array cell of a table, whether fresh or reloaded from the cache (:func:`~cleansight_analysis.results.array_cell`)."""
-    from ..results import array_cell
-
     return array_cell(value, dtype)
 
 
@@ -354,11 +352,6 @@ def example_table(ctx: Any, attack: str, *, example: int = 0, st_intensity: floa
     def compute():
         import pandas as pd
 
-        from ..attacks import triggered_copy
-        from ..evaluation.backdoor import generate_answers
-        from ..interventions.perturbations import get_perturbation
-        from .perturbation import thumbnail
-
         lvlm, attack_obj, _ = ctx.load(attack)
         sample = _example_sample(ctx, example)
         trig = triggered_copy([sample], attack_obj, seed=ctx.seed)[0]
@@ -392,8 +385,6 @@ def token_attention_table(ctx: Any, attack: str, *, example: int = 0) -> "Any":
 
     def compute():
         import pandas as pd
-
-        from ..attacks import triggered_copy
 
         lvlm, attack_obj, _ = ctx.load(attack)
         sample = _example_sample(ctx, example)

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import InputError
+from ..evaluation.grid import ABLATION_VARIANTS, attack_defense_table, mode_table, module_ablation_table
+from ..evaluation.runner import EvaluationCache, synthetic_samples
+from ..models.registry import model_card
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -125,8 +128,6 @@ def _count(value: Any, what: str, minimum: int = 1) -> int:
 
 def member_card(ctx: "FigureContext", member: str) -> dict[str, Any]:
     """The model card of family member ``member`` (read from disk; the model is not loaded)."""
-    from ..models.registry import model_card
-
     return dict(model_card(ctx.model_spec(member)) or {})
 
 
@@ -168,8 +169,6 @@ def validation_samples(ctx: "FigureContext", n: int) -> list[Any]:
     8 in smoke runs, which is :data:`SMOKE_VAL`).
     """
     if ctx.data is None:
-        from ..evaluation.runner import synthetic_samples
-
         return synthetic_samples("calibration", n, seed=ctx.seed)
     return ctx.samples("calibration", n)
 
@@ -222,8 +221,6 @@ def _ablation_rows_from_table1(t1: "pd.DataFrame", defenses: Mapping[str, Any]) 
     ``full`` is the Table 1 column whose spec equals :data:`ABLATION_CLEANSIGHT`; without one, only
     ``none`` is shared and Table 3 evaluates ``full`` itself.
     """
-    from ..evaluation.grid import ABLATION_VARIANTS
-
     want = _spec_json(ABLATION_CLEANSIGHT, "module ablation")
     labels = {"none": "none"}
     for label, spec in defenses.items():
@@ -290,9 +287,6 @@ def defense_grid(ctx: "FigureContext", *, defenses: Mapping[str, Any] | None = N
         identical Table 1 row).
     """
     import pandas as pd
-
-    from ..evaluation.grid import ABLATION_VARIANTS, attack_defense_table, mode_table, module_ablation_table
-    from ..evaluation.runner import EvaluationCache
 
     defenses = dict(TABLE1_DEFENSES if defenses is None else defenses)
     missing = [d for d in MODE_DEFENSES if d not in defenses]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..errors import InputError
@@ -129,11 +130,7 @@ def to_rgb_image(obj: Any, where: str = "image") -> Image.Image:
         except OSError as exc:
             raise InputError(f"{where}: {str(path)!r} is not a readable image ({exc})") from exc
     if not isinstance(obj, Image.Image):
-        try:
-            import torch
-        except ImportError:  # pragma: no cover
-            torch = None
-        if torch is not None and isinstance(obj, torch.Tensor):
+        if isinstance(obj, torch.Tensor):
             t = obj.detach().cpu()
             if t.ndim == 3 and t.shape[0] in (1, 3, 4):
                 t = t.permute(1, 2, 0)

@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
+
 from ..errors import InputError
 
 #: The system prompt LLaVA-1.5 was trained with (the ``llava_v1`` conversation).
@@ -49,8 +51,6 @@ def apply_chat_template(processor: Any, messages: list[dict[str, Any]], template
     ``{{ ''.__class__.__mro__ }}``) raises :class:`~cleansight_analysis.errors.InputError` naming the
     problem instead of jinja2's own exception; nothing outside the sandbox runs either way.
     """
-    import jinja2
-
     try:
         text = processor.apply_chat_template(messages, chat_template=template,
                                              add_generation_prompt=add_generation_prompt, tokenize=False)

@@ -26,10 +26,16 @@ import numbers
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..attention.rows import HookSpec, StopForward
+from ..data.base import check_samples
 from ..errors import InputError, LayerIndexError
-from .base import Intervention
+from ..inputs.batch import sample_batches
+from ..models.hooknames import HookSpec, hook_z
+from ..models.intervention import Intervention
+from ..models.rows import StopForward
+from .logit_lens import first_answer_token
+from .perturbations import AttentionUniform
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -196,13 +202,13 @@ class HeadAblation(Intervention):
             if missing:
                 raise InputError(f"HeadAblation: means hold no value (NaN) for heads {missing}; compute "
                                  "head_means over layers that include them")
-        return [(model.hook_name(layer, "z"), self._hook(model, layer, hs, means))
+        return [(hook_z(layer), self._hook(model, layer, hs, means))
                 for layer, hs in heads_by_layer(heads).items()]
 
     @staticmethod
     def _hook(model: Any, layer: int, hs: list[int], means: torch.Tensor | None) -> Callable:
         idx = torch.tensor(hs, dtype=torch.long)
-        name = model.hook_name(layer, "z")
+        name = hook_z(layer)
 
         def ablate(z: torch.Tensor, hook: Any) -> torch.Tensor:  # z: [B, T, H, d_head]
             _check_z(z, model, name)
@@ -224,14 +230,10 @@ class HeadAblation(Intervention):
 
 def _batches(model: Any, samples: Sequence["Sample"], batch_size: int,
              padding_side: str = "left") -> Iterable[tuple[int, "Batch"]]:
-    from ..inputs.batch import sample_batches
-
     return sample_batches(model, samples, batch_size, padding_side)
 
 
 def _check_samples(samples: Any, owner: str) -> list["Sample"]:
-    from ..data.base import check_samples
-
     return check_samples(samples, owner)
 
 
@@ -261,7 +263,7 @@ def head_means(model: Any, samples: Sequence["Sample"], layers: int | Sequence[i
 
     def record(layer: int) -> Callable:
         def fn(z: torch.Tensor, hook: Any) -> torch.Tensor:  # [B, T, H, d]
-            _check_z(z, model, model.hook_name(layer, "z"))
+            _check_z(z, model, hook_z(layer))
             m = mask_box["mask"].to(z.device, torch.float32)  # [B, T]
             s = torch.einsum("bt,bthd->hd", m, z.float()).cpu()
             sums[layer] = sums[layer] + s if layer in sums else s
@@ -270,7 +272,7 @@ def head_means(model: Any, samples: Sequence["Sample"], layers: int | Sequence[i
             return z
         return fn
 
-    hooks = [(model.hook_name(layer, "z"), record(layer)) for layer in layer_list]
+    hooks = [(hook_z(layer), record(layer)) for layer in layer_list]
     for _, batch in _batches(model, samples, batch_size):
         mask_box["mask"] = batch.attention_mask
         count += int(batch.attention_mask.sum())
@@ -317,8 +319,6 @@ class HeadImageFlatten(Intervention):
         return f"flatten-eta{self.eta:g}[{_heads_label(self.heads)}]"
 
     def _delegate(self, model: Any) -> Intervention:
-        from .perturbations import AttentionUniform  # written alongside; imported lazily
-
         heads = check_heads(model, self.heads, owner="HeadImageFlatten heads")
         return AttentionUniform(self.eta, heads=heads)
 
@@ -359,7 +359,7 @@ def _cache_z(model: Any, batch: "Batch", layers: Sequence[int]) -> dict[int, tor
             return z
         return fn
 
-    model.forward(batch, hooks=[(model.hook_name(layer, "z"), record(layer)) for layer in layers],
+    model.forward(batch, hooks=[(hook_z(layer), record(layer)) for layer in layers],
                   logits_to_keep=1)
     return cache
 
@@ -384,7 +384,7 @@ def patch_hooks(model: Any, source_z: dict[int, torch.Tensor], heads: Sequence[H
             z[:, :, idx] = src[:, :, idx].to(z)
             return z
 
-        out.append((model.hook_name(layer, "z"), fn))
+        out.append((hook_z(layer), fn))
     return out
 
 
@@ -408,8 +408,6 @@ def _target_ids(model: Any, batch: "Batch", samples: Sequence["Sample"], target:
     """``[B]`` token id whose log-prob is measured for every sample of ``batch``."""
     if target_token_id is not None:
         return torch.full((len(batch),), int(target_token_id), dtype=torch.long)
-    from .logit_lens import first_answer_token
-
     assert target is not None
     return torch.tensor([first_answer_token(model, s.prompt, target, n_images=n)
                          for s, n in zip(samples, batch.images_per_sample)], dtype=torch.long)
@@ -463,7 +461,6 @@ def patch_heads(model: Any, source_samples: Sequence["Sample"], dest_samples: Se
         (``-1`` when it differs between samples) and ``n``.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     source_samples = _check_samples(source_samples, "patch_heads (source)")
     dest_samples = _check_samples(dest_samples, "patch_heads (destination)")

@@ -3,15 +3,15 @@
 The residual stream of the answer query (each sample's last prompt position, which predicts the
 first answer token) is read after every LM layer at ``blocks.{l}.hook_resid_post`` (on the
 TransformerBridge this is the decoder layer's output; it equals ``blocks.{l}.hook_out``) and
-decoded with the LM's own final norm and unembedding (``bridge.ln_final``, ``bridge.unembed``, the
-very modules HF calls). At the last layer this reproduces the model's logits exactly.
+decoded with the LM's own final norm and unembedding (:attr:`HookedLVLM.final_norm`,
+:attr:`HookedLVLM.unembedding`: the very modules HF calls). At the last layer this reproduces the model's logits exactly.
 
 First-token choice. ``p_correct`` and ``p_target`` are the probabilities of the FIRST token of the
 reference answer and of the attack target *as the model would emit it after the prompt*. Tokenising
 the answer alone is ambiguous: SentencePiece tokenizers give ``"Yes"`` and ``" Yes"`` (``"▁Yes"``)
 different ids, and BOS or merged punctuation can shift the first piece. We therefore render the
 full one-turn conversation with the model's chat template (exactly as the training sequences are
-built: :class:`~cleansight_analysis.training.sequences.ConversationEncoder`), tokenise it, and take
+built: :class:`~cleansight_analysis.inputs.conversation.ConversationEncoder`), tokenise it, and take
 the first token whose character span reaches into the answer (:func:`first_answer_token`). That is
 the token the model is trained to produce first, whatever separator the template puts before it.
 """
@@ -21,10 +21,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..attention.rows import HookSpec
+from ..attacks import triggered_copy
+from ..attacks.base import DEFAULT_TARGET
+from ..data.base import check_samples
 from ..errors import InputError
-from .base import Intervention, NoIntervention, as_intervention
+from ..inputs.conversation import ConversationEncoder
+from ..models.hooknames import HookSpec, hook_resid_post
+from ..models.intervention import Intervention, NoIntervention, as_intervention
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -35,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def resid_hook_name(layer: int) -> str:
     """Bridge hook holding the residual stream after LM layer ``layer`` (``[B, T, d_model]``)."""
-    return f"blocks.{layer}.hook_resid_post"
+    return hook_resid_post(layer)
 
 
 def first_answer_token(model: Any, prompt: str, answer: str, *, n_images: int = 1) -> int:
@@ -50,8 +55,6 @@ def first_answer_token(model: Any, prompt: str, answer: str, *, n_images: int = 
     Raises:
         InputError: empty answer, or the template cannot place it.
     """
-    from ..training.sequences import ConversationEncoder
-
     if not isinstance(answer, str) or not answer.strip():
         raise InputError(f"first_answer_token: answer must be a non-empty string, got {answer!r}")
     answer = answer.strip()
@@ -112,13 +115,7 @@ def residual_at_query(model: Any, batch: "Batch", layers: Sequence[int] | None =
 @torch.no_grad()
 def lens_logits(model: Any, resid: torch.Tensor) -> torch.Tensor:
     """Decode residual vectors ``[..., d_model]`` with the final norm and unembedding: ``[..., V]``."""
-    bridge = model.bridge
-    norm = getattr(bridge, "ln_final", None)
-    unembed = getattr(bridge, "unembed", None)
-    if norm is None or unembed is None:  # pragma: no cover - other bridge layouts
-        norm = model.hf_model.model.language_model.norm
-        unembed = model.hf_model.get_output_embeddings()
-    return unembed(norm(resid))
+    return model.unembedding(model.final_norm(resid))
 
 
 @torch.no_grad()
@@ -148,13 +145,8 @@ def logit_lens(model: Any, samples: Sequence["Sample"], attack: Any = None, *, i
         Probabilities are the softmax of the lens logits at the answer query, in float32.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
-    from ..attacks import triggered_copy
-    from ..attacks.base import DEFAULT_TARGET
-    from .heads import _check_samples
-
-    samples = _check_samples(samples, "logit_lens")
+    samples = check_samples(samples, "logit_lens")
     if batch_size < 1:
         raise InputError(f"logit_lens: batch_size must be at least 1, got {batch_size}")
     layer_list = model.check_layers(layers)

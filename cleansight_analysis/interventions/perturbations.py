@@ -44,10 +44,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from ..attention.rows import HookSpec
 from ..errors import InputError, LayerIndexError
 from ..inputs.images import to_rgb_image
-from .base import Intervention
+from ..models.hooknames import HookSpec, hook_pattern
+from ..models.intervention import Intervention
+from ..registry import Registry
 
 #: Pixel perturbation kinds (act on the image before the processor).
 PIXEL_KINDS: tuple[str, ...] = ("st", "shrinkpad", "blur", "jpeg", "noise")
@@ -55,6 +56,9 @@ PIXEL_KINDS: tuple[str, ...] = ("st", "shrinkpad", "blur", "jpeg", "noise")
 ATTENTION_KINDS: tuple[str, ...] = ("attn_uniform",)
 #: Every kind :func:`get_perturbation` knows.
 PERTURBATION_KINDS: tuple[str, ...] = PIXEL_KINDS + ATTENTION_KINDS
+#: kind -> perturbation class (a :class:`~cleansight_analysis.registry.Registry`; each class registers
+#: itself with ``@PERTURBATIONS.register`` under its ``kind``).
+PERTURBATIONS: Registry[type["Perturbation"]] = Registry("perturbation kind", plural="kinds", name_attr="kind")
 #: Grey used for padding and rotation fill (the paper's 127).
 GREY = 127
 
@@ -215,6 +219,7 @@ def shrink_and_pad(img: Image.Image, scale: float, *, fill: int = GREY, offset: 
     return canvas
 
 
+@PERTURBATIONS.register
 @dataclass(repr=False)
 class ST(PixelPerturbation):
     """The paper's ST transform (Fig. 1 and the ST baseline of Tables 1/2), strength ``rho = intensity``.
@@ -262,6 +267,7 @@ class ST(PixelPerturbation):
         return img
 
 
+@PERTURBATIONS.register
 @dataclass(repr=False)
 class ShrinkPad(PixelPerturbation):
     """Shrink by ``1 - max_shrink * intensity`` and pad with grey (no mirror, no rotation).
@@ -289,6 +295,7 @@ class ShrinkPad(PixelPerturbation):
         return shrink_and_pad(img, 1.0 - self.max_shrink * self.intensity, fill=self.fill, offset=offset)
 
 
+@PERTURBATIONS.register
 @dataclass(repr=False)
 class Blur(PixelPerturbation):
     """The paper's Blur baseline: ``x' = (1 - t) x + t G_r(x)`` with ``r = radius_scale * t * min(H, W)``.
@@ -321,6 +328,7 @@ class Blur(PixelPerturbation):
         return Image.blend(img, blurred, self.intensity)  # (1 - t) img + t blurred
 
 
+@PERTURBATIONS.register
 @dataclass(repr=False)
 class Jpeg(PixelPerturbation):
     """JPEG re-encoding; quality ``round(max_quality - t (max_quality - min_quality))`` for ``t > 0``.
@@ -352,6 +360,7 @@ class Jpeg(PixelPerturbation):
             return decoded.convert("RGB")
 
 
+@PERTURBATIONS.register
 @dataclass(repr=False)
 class Noise(PixelPerturbation):
     """Additive Gaussian pixel noise with std ``max_std * t * 255`` (clipped to 0..255, rounded).
@@ -500,6 +509,7 @@ def _interpolate_visible(pattern: torch.Tensor, spans: torch.Tensor, queries: to
 QUERY_SCOPES: tuple[str, ...] = ("text", "all")
 
 
+@PERTURBATIONS.register
 @dataclass(repr=False)
 class AttentionUniform(Perturbation):
     """Attention perturbation of Fig. 1: flatten the image attention of text queries, keeping its mass.
@@ -619,21 +629,13 @@ class AttentionUniform(Perturbation):
 
             return edit
 
-        return [(model.hook_name(layer, "pattern"), make(hm)) for layer, hm in scope.items()]
+        return [(hook_pattern(layer), make(hm)) for layer, hm in scope.items()]
 
 
 # ---------------------------------------------------------------------------------------------- factory
-_REGISTRY: dict[str, type[Perturbation]] = {
-    "st": ST, "shrinkpad": ShrinkPad, "blur": Blur, "jpeg": Jpeg, "noise": Noise, "attn_uniform": AttentionUniform,
-}
-
-
 def perturbation_class(kind: str) -> type[Perturbation]:
     """The class of perturbation ``kind`` (case-insensitive), or :class:`InputError` listing the kinds."""
-    key = kind.strip().lower() if isinstance(kind, str) else kind
-    if key not in _REGISTRY:
-        raise InputError(f"unknown perturbation kind {kind!r}; known kinds: {', '.join(PERTURBATION_KINDS)}")
-    return _REGISTRY[key]
+    return PERTURBATIONS.get(kind)
 
 
 def get_perturbation(kind: str, intensity: float, **settings: Any) -> Perturbation:
@@ -660,7 +662,7 @@ def get_perturbation(kind: str, intensity: float, **settings: Any) -> Perturbati
 
 
 __all__ = [
-    "ATTENTION_KINDS", "AttentionUniform", "Blur", "GREY", "Jpeg", "Noise", "PERTURBATION_KINDS", "PIXEL_KINDS",
-    "Perturbation", "PixelPerturbation", "ST", "ShrinkPad", "get_perturbation", "image_span_masks",
+    "ATTENTION_KINDS", "AttentionUniform", "Blur", "GREY", "Jpeg", "Noise", "PERTURBATIONS", "PERTURBATION_KINDS",
+    "PIXEL_KINDS", "Perturbation", "PixelPerturbation", "ST", "ShrinkPad", "get_perturbation", "image_span_masks",
     "interpolate_image_attention", "perturbation_class", "shrink_and_pad",
 ]

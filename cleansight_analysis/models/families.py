@@ -65,10 +65,22 @@ class ModelFamily:
     layout_fn: Callable[[Any, torch.Tensor, Any], list[ImageLayout]]
     #: keys of the processor output that the model's forward needs besides ids and mask
     image_input_keys: tuple[str, ...] = ("pixel_values",)
+    #: attribute path, from the HF model, of the language model's final norm
+    final_norm_path: str = "model.language_model.norm"
 
     def image_layouts(self, config: Any, pixel_values: torch.Tensor, image_sizes: Any = None) -> list[ImageLayout]:
         """Layouts of every image in processor order. ``pixel_values``: the processor's output."""
         return self.layout_fn(config, pixel_values, image_sizes)
+
+    def final_norm(self, hf_model: Any) -> Any:
+        """The language model's final norm (applied to the last residual stream before ``lm_head``)."""
+        module = hf_model
+        for part in self.final_norm_path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                raise UnsupportedModelError(f"{type(hf_model).__name__} has no final norm at "
+                                            f"{self.final_norm_path!r} ({self.display})")
+        return module
 
     def hf_class(self):
         import transformers

@@ -12,20 +12,19 @@ from __future__ import annotations
 import numbers
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, NoReturn, Sequence
 
+import numpy as np
 import torch
 
-from ..attention.rows import AttentionRows, HookSpec, RowRecorder, StopForward
 from ..errors import InputError, LayerIndexError, NumericalError
 from ..inputs.batch import Batch, check_prompt_length, max_positions, prepare_batch
 from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from .families import ModelFamily
+from .hooknames import EMBED_IN, FINAL_NORM_OUT, UNEMBED_OUT, HookSpec, hook_attn, hook_block_out, hook_pattern
+from .rows import AttentionRows, RowRecorder, StopForward
 
 _DEFAULT: Any = object()
-
-if TYPE_CHECKING:
-    import numpy as np
 
 
 @dataclass
@@ -108,6 +107,19 @@ class HookedLVLM:
     def tokenizer(self) -> Any:
         return self.processor.tokenizer
 
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The language model's final norm, as HF calls it (the bridge's ``ln_final`` when it has one,
+        else the family's module, :meth:`ModelFamily.final_norm`). Fires ``ln_final`` hooks."""
+        norm = getattr(self.bridge, "ln_final", None)
+        return norm if norm is not None else self.family.final_norm(self.hf_model)
+
+    @property
+    def unembedding(self) -> torch.nn.Module:
+        """The unembedding (``lm_head``): the bridge's ``unembed`` when it has one, else HF's output embeddings."""
+        unembed = getattr(self.bridge, "unembed", None)
+        return unembed if unembed is not None else self.hf_model.get_output_embeddings()
+
     def __repr__(self) -> str:
         return (f"HookedLVLM(name={self.name!r}, architecture={self.family.architecture}, layers={self.n_layers}, "
                 f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, device={self.device}, dtype={self.dtype})")
@@ -115,8 +127,9 @@ class HookedLVLM:
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def hook_name(layer: int, hook: str = "pattern") -> str:
-        """Bridge hook name of an LM attention hook, e.g. ``hook_name(3, "z") == "blocks.3.attn.hook_z"``."""
-        return f"blocks.{layer}.attn.hook_{hook}"
+        """Bridge hook name of an LM attention hook, e.g. ``hook_name(3, "z") == "blocks.3.attn.hook_z"``
+        (see :mod:`cleansight_analysis.models.hooknames`)."""
+        return hook_attn(layer, hook)
 
     def lm_hooks(self, hook: str, fn: Any, layers: int | Sequence[int] | None = None) -> list[HookSpec]:
         """``[(name, fn)]`` for one attention hook in chosen LM layers (default all).
@@ -198,15 +211,15 @@ class HookedLVLM:
                 return x
             return fn
 
-        probes: list[HookSpec] = [("blocks.0.hook_in", probe(
+        probes: list[HookSpec] = [(EMBED_IN, probe(
             "the input embeddings before layer 0 (token embeddings or image features from the vision tower "
             "and projector)"))]
         for layer in range(self.n_layers):
-            probes += [(self.hook_name(layer, "pattern"), probe(f"layer {layer} (attention rows)", pattern=True)),
-                       (f"blocks.{layer}.hook_out", probe(f"layer {layer} (residual output; its attention rows "
+            probes += [(hook_pattern(layer), probe(f"layer {layer} (attention rows)", pattern=True)),
+                       (hook_block_out(layer), probe(f"layer {layer} (residual output; its attention rows "
                                                           "are finite)"))]
-        probes += [("ln_final.hook_out", probe(f"the final norm after layer {self.n_layers - 1}")),
-                   ("unembed.hook_out", probe("the unembedding (lm_head)"))]
+        probes += [(FINAL_NORM_OUT, probe(f"the final norm after layer {self.n_layers - 1}")),
+                   (UNEMBED_OUT, probe("the unembedding (lm_head)"))]
         try:
             with self.hooks([*hooks, *probes]):
                 self.hf_model(**inputs, use_cache=False, logits_to_keep=1)
@@ -247,8 +260,6 @@ class HookedLVLM:
         Its pixels line up with the ``base`` grid of :class:`ImageTokens` (LLaVA-1.5's only grid; for
         LLaVA-NeXT the low-res view of the whole image, padded to a square).
         """
-        import numpy as np
-
         pix = batch.pixel_values[index]
         if pix.dim() == 4:  # LLaVA-NeXT: [patches, 3, h, w]; patch 0 is the whole image
             pix = pix[0]
@@ -379,7 +390,7 @@ class HookedLVLM:
             bad.append(~torch.isfinite(last.sum(-1, dtype=torch.float32)))
             return logits
 
-        all_hooks = [*hooks, ("unembed.hook_out", watch_logits)]
+        all_hooks = [*hooks, (UNEMBED_OUT, watch_logits)]
         if record_rows is not False:
             layer_list = self.check_layers(None if record_rows is True else record_rows)
             recorder = RowRecorder(layer_list, None, dtype=rows_dtype)

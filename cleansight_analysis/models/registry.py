@@ -2,7 +2,9 @@
 
 An entry is either a *builder* (a function returning ``(hf_model, processor)``, e.g. a tiny random
 model made from configs) or a *local folder* holding a saved HF model and processor (the embedded
-trained models shipped in ``data/models/``).
+trained models shipped in ``data/models/``). Entries live in a
+:class:`~cleansight_analysis.registry.Registry` (the package's one registry pattern); this module adds
+what only models need: the folder scan of ``data/models`` at import and the card validation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CardError, ModelSourceError
-
+from ..registry import Registry
+from . import tiny
 
 #: Where the shipped artifacts live (``data/`` at the repository root; ``CLEANSIGHT_DATA`` overrides).
 DATA_DIR = Path(os.environ.get("CLEANSIGHT_DATA", Path(__file__).resolve().parents[2] / "data"))
@@ -37,7 +40,8 @@ class RegisteredModel:
     card: dict[str, Any] | None = None
 
 
-_REGISTRY: dict[str, RegisteredModel] = {}
+#: name -> :class:`RegisteredModel`.
+_REGISTRY: Registry[RegisteredModel] = Registry("model", error=ModelSourceError, normalize=lambda name: name)
 
 
 def register_model(name: str, builder: Callable[[], tuple[Any, Any]] | None = None, *,
@@ -46,9 +50,8 @@ def register_model(name: str, builder: Callable[[], tuple[Any, Any]] | None = No
     """Register ``name`` for :func:`load_lvlm`, built by ``builder()`` or loaded from ``path``."""
     if (builder is None) == (path is None):
         raise ModelSourceError(f"register_model({name!r}): give exactly one of builder= and path=")
-    if name in _REGISTRY and not overwrite:
-        raise ModelSourceError(f"model name {name!r} is already registered (pass overwrite=True to replace it)")
-    _REGISTRY[name] = RegisteredModel(name, description, builder, None if path is None else Path(path), card)
+    _REGISTRY.register(name, RegisteredModel(name, description, builder, None if path is None else Path(path), card),
+                       overwrite=overwrite)
 
 
 class CardWarning(UserWarning):
@@ -213,7 +216,7 @@ def register_model_folders(root: str | Path = MODELS_DIR) -> list[str]:
         if name in BUILTIN_NAMES:
             _warn(f"skipped {str(card_path)!r}: name {name!r} is a built-in model; a card cannot replace it")
             continue
-        known = _REGISTRY.get(name)
+        known = _REGISTRY.get(name, None)
         if known is not None and (known.path is None or known.path.resolve() != card_path.parent.resolve()):
             _warn(f"skipped {str(card_path)!r}: name {name!r} is already registered from "
                   f"{repr(str(known.path)) if known.path is not None else 'a builder'}; rename one of the cards")
@@ -240,11 +243,12 @@ def register_model_folders(root: str | Path = MODELS_DIR) -> list[str]:
 
 def registered_models() -> list[RegisteredModel]:
     """All registered models, sorted by name."""
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return [_REGISTRY[k] for k in sorted(_REGISTRY.names())]
 
 
 def lookup(name: str) -> RegisteredModel | None:
-    return _REGISTRY.get(name)
+    """The entry registered under exactly ``name``, or None."""
+    return _REGISTRY.get(name, None)
 
 
 def model_card(spec: str) -> dict[str, Any] | None:
@@ -256,8 +260,6 @@ def model_card(spec: str) -> dict[str, Any] | None:
 
 
 def _register_defaults() -> None:
-    from . import tiny
-
     register_model("tiny-random-llava", tiny.tiny_random_llava, overwrite=True,
                    description="random LLaVA-1.5 lookalike: CLIP 64px/8 (64 image tokens) + 4-layer Llama, 0.9M params")
     register_model("tiny-random-llava-next", tiny.tiny_random_llava_next, overwrite=True,

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..experiments.detection import summarize_val_size
 from .style import set_style
 
 #: How attacks are named in titles and legends.
@@ -229,8 +230,6 @@ def plot_threshold_and_val_size(quantiles: Any, val_sizes: Any, *, paper: bool =
     _require(val_sizes, ("attack", "n_val"), owner)
     set_style()
     if "tpr_mean" not in val_sizes.columns:
-        from ..experiments.detection import summarize_val_size
-
         val_sizes = summarize_val_size(val_sizes)
     quantiles = quantiles.assign(choice=quantiles["choice"] if "choice" in quantiles else "")
     val_sizes = val_sizes.assign(choice=val_sizes["choice"] if "choice" in val_sizes else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InputError
+from .style import set_style
 
 #: Largest grid side whose cells are annotated with their value (larger grids get colour only).
 ANNOTATE_MAX = 16
@@ -59,8 +60,6 @@ def plot_head_ablation(ablation: Any, patching: Any = None, *, title: str | None
         the matplotlib Figure (``n_attacks x (2 + n_directions)`` axes).
     """
     import matplotlib.pyplot as plt
-
-    from .style import set_style
 
     for col in ("attack", "layer", "head", "asr", "clean_acc"):
         if col not in getattr(ablation, "columns", []):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError
+from ..experiments.lens import CONDITIONS
+from .style import set_style
 
 #: Colours and line styles of the lens conditions (``condition`` values of ``logit_lens_table``).
 CONDITION_STYLES: dict[str, dict[str, Any]] = {
@@ -29,11 +33,7 @@ def plot_logit_lens(table: Any, *, title: str | None = None):
         the matplotlib Figure (``2 x n_attacks`` axes).
     """
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.lines import Line2D
-
-    from ..experiments.lens import CONDITIONS
-    from .style import set_style
 
     need = ("attack", "condition", "layer", "p_correct", "p_target", "diff")
     missing = [c for c in need if c not in getattr(table, "columns", [])]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ..errors import InputError
+from ..experiments.pruning import PAPER_TAUS
+from .style import set_style
 
 #: Line styles of CleanSight's mask scopes (``CleanSightConfig.mask_scope``).
 SCOPE_STYLES = {"reference": "-", "from_detection": "-.", "prefill_only": ":", "all_layers": "--"}
@@ -49,9 +51,6 @@ def plot_pruning_threshold(table: Any, *, paper_taus: Mapping[str, float] | None
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-
-    from ..experiments.pruning import PAPER_TAUS
-    from .style import set_style
 
     _check(table, ("attack", "mask_scope", "tau", "is_auto", "asr", "poisoned_utility", "pruned_share"),
            "plot_pruning_threshold")

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..results import array_cell
 from .perturbation import attack_label
 from .style import GROUP_COLORS, GROUP_LABELS, set_style
 
@@ -35,8 +36,6 @@ def _short(condition: str) -> str:
 
 def _array(value: Any, dtype: Any = float) -> np.ndarray | None:
     """An array cell, fresh or reloaded from the cache; None stays None."""
-    from ..results import array_cell
-
     return array_cell(value, dtype)
 
 

@@ -17,7 +17,10 @@ import math
 import textwrap
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
+
 from ..errors import InputError
+from .style import set_style
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -120,9 +123,6 @@ def plot_attack_defense(table: "pd.DataFrame", *, metrics: Sequence[str] = ("asr
         the Figure (one Axes per metric; row labels on the first).
     """
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from .style import set_style
 
     _check(table, [*_REQUIRED, *metrics, *(["fpr"] if "tpr" in metrics else [])], "plot_attack_defense")
     set_style()
@@ -177,8 +177,6 @@ def plot_attack_defense(table: "pd.DataFrame", *, metrics: Sequence[str] = ("asr
 def _bars(ax: Any, table: "pd.DataFrame", metric: str, groups: Sequence[str], group_col: str,
           hues: Sequence[str], hue_col: str, colors: Mapping[str, str], hue_names: Mapping[str, str],
           group_names: Mapping[str, str]) -> None:
-    import numpy as np
-
     n_h = len(hues)
     width = 0.8 / max(n_h, 1)
     cells = table.set_index([group_col, hue_col])[metric]
@@ -209,8 +207,6 @@ def plot_module_ablation(table: "pd.DataFrame", *, metrics: Sequence[str] = ("as
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
-
-    from .style import set_style
 
     _check(table, [*_REQUIRED, *metrics], "plot_module_ablation")
     set_style()
@@ -262,8 +258,6 @@ def plot_adapter_lora(table: "pd.DataFrame", attempts: "pd.DataFrame | None" = N
         the Figure (one Axes per metric, a shared legend of defenses).
     """
     import matplotlib.pyplot as plt
-
-    from .style import set_style
 
     _check(table, [*_REQUIRED, "member", *metrics], "plot_adapter_lora")
     set_style()

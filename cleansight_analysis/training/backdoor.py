@@ -20,16 +20,19 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from ..attacks import poison_samples
 from ..data.base import Sample
 from ..errors import InputError, ModelSourceError, OutputExistsError
 from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from ..manifest import package_versions
+from ..models.loading import is_delta_folder, load_hf, read_card, resolve_base
+from ..models.registry import lookup
 from .checkpoint import checkpoint_info, has_checkpoint
 from .lvlm import ConversationBatcher, TrainSettings, iterate_items, llava_core, seeded_indices, train_loop
 from .objectives import make_loss
@@ -94,9 +97,6 @@ def _short(value: Any, limit: int = 48) -> str:
 
 def _base_folders(base: Any) -> list[Path]:
     """The folders ``load_hf(base)`` reads: the base itself, then the base of each delta folder in its chain."""
-    from ..models.loading import is_delta_folder, read_card, resolve_base
-    from ..models.registry import lookup
-
     folders: list[Path] = []
     source: Any = base
     for _ in range(32):  # a cyclic chain is the loader's error to report; stop here
@@ -285,9 +285,6 @@ def train_backdoor(base: Any, samples: Sequence[Sample], attack: Any, settings: 
         InputError: ``resume`` without a checkpoint, or both flags.
     """
     from safetensors.torch import save_file
-
-    from ..attacks import poison_samples
-    from ..models.loading import load_hf
 
     out_dir = Path(out_dir)
     if not samples:

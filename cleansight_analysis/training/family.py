@@ -9,13 +9,21 @@ held-out synthetic test split.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
+from ..attacks import get_attack
 from ..errors import InputError
+from ..evaluation import evaluate_backdoor
+from ..models.loading import load_lvlm
+from .backdoor import BackdoorSettings, resume_conflicts, train_backdoor
 from .recipe import CARD, TinyRecipe, train_tiny_clean
 
 ROOT_NAME = "tiny-llava"
@@ -86,10 +94,7 @@ def evaluate_folder(folder: Path, recipe: TinyRecipe, attack: Any | None, *, pro
                     n: int | None = None) -> dict[str, Any]:
     """Clean accuracy / ASR / false-trigger rate of a model folder on ``n`` (default ``recipe.eval_n``)
     test samples."""
-    import cleansight_analysis as cs
-    from ..evaluation import evaluate_backdoor
-
-    model = cs.load_lvlm(folder, device="cpu")
+    model = load_lvlm(folder, device="cpu")
     samples = recipe.world().samples("test", n or recipe.eval_n)
     report = evaluate_backdoor(model, samples, attack, max_new_tokens=12, progress=progress)
     # NaN (no attack: no ASR) is written as null, so cards stay standard JSON
@@ -99,9 +104,7 @@ def evaluate_folder(folder: Path, recipe: TinyRecipe, attack: Any | None, *, pro
 
 def attention_profile(folder: Path, recipe: TinyRecipe, n: int = 128) -> dict[str, list[float]]:
     """Mean attention share of each token group at the answer query, per layer (LLaVA-likeness)."""
-    import cleansight_analysis as cs
-
-    model = cs.load_lvlm(folder, device="cpu")
+    model = load_lvlm(folder, device="cpu")
     samples = recipe.world().samples("test", n)
     batch = model.prepare([s.image for s in samples], [s.prompt for s in samples])
     rows = model.attention_rows(batch)
@@ -152,11 +155,6 @@ def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = Tr
 def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path, *, progress: bool = False,
                    force: bool = False) -> dict[str, Any]:
     """Train one backdoored member (trying ``spec.modes`` in order) and write its card with metrics."""
-    import shutil
-
-    from ..attacks import get_attack
-    from .backdoor import BackdoorSettings, resume_conflicts, train_backdoor
-
     root = family_root(out_root)
     folder = root / spec.name
     if (folder / CARD).is_file() and not force:
@@ -209,8 +207,6 @@ def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path,
 
 
 def _build_backdoor_job(spec_dict: dict[str, Any], recipe_dict: dict[str, Any], out_root: str, force: bool) -> dict:
-    import torch
-
     torch.set_num_threads(1)
     spec = BackdoorSpec(**{**spec_dict, "modes": tuple(spec_dict["modes"])})
     start = time.perf_counter()
@@ -221,8 +217,6 @@ def _build_backdoor_job(spec_dict: dict[str, Any], recipe_dict: dict[str, Any], 
 def build_family(out_root: str | Path, *, recipe: TinyRecipe | None = None, only: Sequence[str] | None = None,
                  jobs: int = 2, force: bool = False, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Build the clean model (if missing) and the backdoored members (in ``jobs`` parallel processes)."""
-    import multiprocessing as mp
-
     recipe = recipe or TinyRecipe()
     names = ["clean"] + [s.name for s in TINY_BACKDOORS]
     unknown = [n for n in (only or []) if n not in names]

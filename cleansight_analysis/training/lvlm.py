@@ -17,10 +17,12 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..inputs.images import to_rgb_image
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .parallel import average_gradients, is_main
 from .sequences import IGNORE, ConversationEncoder, Encoded, collate
 
 
@@ -194,10 +196,6 @@ def train_loop(model: nn.Module, trainable: dict[str, nn.Parameter], make_batch:
     in a data-parallel run (:mod:`.parallel`) it returns this process's shard and gradients are
     averaged across processes before each update.
     """
-    from tqdm.auto import tqdm
-
-    from .parallel import average_gradients, is_main
-
     main = is_main()
     progress = progress and main
     params = list(trainable.values())

@@ -9,6 +9,7 @@ update (the weights stay identical). With one process everything runs in-process
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import tempfile
 import traceback
 from pathlib import Path
@@ -78,7 +79,6 @@ def run_parallel(fn: Callable[..., Any], args: tuple = (), *, processes: int = 2
     """
     if processes <= 1:
         return fn(*args)
-    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from ..data.synthetic import SceneConfig, SyntheticWorld
+from ..data.synthetic import TINY_IMAGE_SIZE, SceneConfig, SyntheticWorld
 from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from ..manifest import package_versions
+from ..models.families import FAMILIES
+from ..models.tiny import BASE_WORDS, build_word_tokenizer, processor_for, tiny_llava_config
 from .lvlm import ConversationBatcher, TrainSettings, ce_loss, seeded_indices, train_loop
+from .parallel import barrier, is_main, run_parallel, shard
 from .vision import pretrain_vision
 
 CARD = "card.json"
@@ -30,7 +34,7 @@ class TinyRecipe:
     """Every setting of the tiny family (recorded in each model's card)."""
 
     seed: int = 0
-    image_size: int = 32
+    image_size: int = TINY_IMAGE_SIZE
     patch_size: int = 4
     vision_hidden: int = 96
     vision_layers: int = 4
@@ -59,23 +63,17 @@ class TinyRecipe:
 
 
 def tiny_tokenizer(recipe: TinyRecipe):
-    from ..models.tiny import BASE_WORDS, build_word_tokenizer
-
     return build_word_tokenizer(list(BASE_WORDS) + recipe.world().vocabulary(), vocab_size=recipe.vocab_size)
 
 
 def repeat_vocabulary(recipe: TinyRecipe) -> list[str]:
     """Every alphabetic word of the tiny tokenizer (the "repeat the words" task draws from these)."""
-    from ..models.tiny import BASE_WORDS
-
     return sorted({w for w in list(BASE_WORDS) + recipe.world().vocabulary() if w.isalpha()})
 
 
 def make_tiny_model(recipe: TinyRecipe):
     """A randomly initialised (seeded) tiny LLaVA of the recipe's shape, and its processor."""
     from transformers import LlavaForConditionalGeneration
-
-    from ..models.tiny import processor_for, tiny_llava_config
 
     cfg = tiny_llava_config(image_size=recipe.image_size, patch_size=recipe.patch_size,
                             vision_hidden=recipe.vision_hidden, vision_layers=recipe.vision_layers,
@@ -103,16 +101,11 @@ def train_tiny_clean(recipe: TinyRecipe, out_dir: str | Path, *, progress: bool 
                      work_dir: str | Path | None = None) -> dict[str, Any]:
     """Stages 1 and 2 (in ``recipe.processes`` data-parallel processes); writes the clean model
     folder and returns its card (metrics are added by the caller)."""
-    from .parallel import run_parallel
-
     args = (asdict(recipe), str(out_dir), progress, None if work_dir is None else str(work_dir))
     return run_parallel(_train_tiny_clean, args, processes=recipe.processes)
 
 
 def _train_tiny_clean(recipe_dict: dict[str, Any], out_dir: str, progress: bool, work_dir: str | None) -> dict[str, Any]:
-    from ..models.families import FAMILIES
-    from .parallel import barrier, is_main, shard
-
     recipe = TinyRecipe(**recipe_dict)
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else out_dir.parent / ".work" / out_dir.name
@@ -176,7 +169,6 @@ def _train_tiny_clean(recipe_dict: dict[str, Any], out_dir: str, progress: bool,
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, mininterval=2.0)
 

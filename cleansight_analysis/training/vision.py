@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..data.synthetic import BACKGROUNDS, COLORS, SHAPES, SyntheticWorld
+from .lvlm import seeded_indices, warmup_cosine
+from .parallel import average_gradients, shard
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -87,9 +89,6 @@ def pretrain_vision(vision: nn.Module, world: SyntheticWorld, *, steps: int, bat
         final metrics on 256 held-out calibration scenes: per-patch colour / shape accuracy on
         object patches, background accuracy, pixel MSE.
     """
-    from .lvlm import seeded_indices, warmup_cosine
-    from .parallel import average_gradients, shard
-
     cfg = vision.config
     patch = int(cfg.patch_size)
     grid = int(cfg.image_size) // patch
