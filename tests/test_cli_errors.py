@@ -54,6 +54,8 @@ def _one_error_line(err: str) -> str:
      "use it with --defense cleansight"),
     (["evaluate", "--model", "tiny-llava/badnet", "--calibration", "EXISTING"], "CleanSight.load"),
     (["tables", "--out", "OUT", "--models", "badnet,,sig"], "expected comma-separated names"),
+    (["analyze", "perturb", "--model", "tiny-llava/badnet", "--out", "WITH_TABLE"], "already holds perturb.parquet"),
+    (["tables", "--out", "WITH_TABLE2"], "already holds table1_asr_cu.parquet"),
     (["backdoor", "--base", "tiny-llava/clean", "--attack", "badnet", "--n", "8", "--out", "NONEMPTY"],
      "already exists and is not empty"),
     (["backdoor", "--base", "tiny-llava/clean", "--attack", "badnet", "--n", "8", "--out", "NONEMPTY",
@@ -64,10 +66,15 @@ def test_bad_values_give_one_line_and_exit_code_2(argv, says, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "existing.json").write_text("{}")
     (tmp_path / "nonempty").mkdir()
+    (tmp_path / "with_table").mkdir()
+    (tmp_path / "with_table" / "perturb.parquet").write_bytes(b"old")
+    (tmp_path / "with_table2").mkdir()
+    (tmp_path / "with_table2" / "table1_asr_cu.parquet").write_bytes(b"old")
     (tmp_path / "nonempty" / "card.json").write_text('{"name": "mine"}')
     subs = {"OUT": str(tmp_path / "out"), "FILE": str(tmp_path / "a_file"), "DIR": str(tmp_path),
             "EXISTING": str(tmp_path / "existing.json"), "OUT/c.json": str(tmp_path / "out" / "c.json"),
-            "NONEMPTY": str(tmp_path / "nonempty")}
+            "NONEMPTY": str(tmp_path / "nonempty"), "WITH_TABLE": str(tmp_path / "with_table"),
+            "WITH_TABLE2": str(tmp_path / "with_table2")}
     code, _, err = _run([subs.get(a, a) for a in argv], capsys)
     assert code == 2, err
     assert says in _one_error_line(err)

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--data", default="synthetic", help="'synthetic' (test split) or NAME:FOLDER")
     an.add_argument("--n", type=_positive_int, default=300, help="samples (each also run with its trigger)")
     an.add_argument("--out", required=True, type=_out_dir, help="results folder")
+    an.add_argument("--overwrite", action="store_true", help="replace tables of the same names in --out")
     an.add_argument("--layers", type=_int_csv, default=None, help="comma-separated LM layers (default all; for perturb and "
                     "logit-lens: the layers attn_uniform edits)")
     an.add_argument("--text-keys", default="post_image", choices=("post_image", "instruction"),
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tb2 = sub.add_parser("tables", help="attacks x defenses over the shipped tiny models (tables + manifests)")
     tb2.add_argument("--out", required=True, type=_out_dir, help="results folder")
+    tb2.add_argument("--overwrite", action="store_true", help="replace tables of the same names in --out")
     tb2.add_argument("--models", type=_csv_names, default=list(TABLE_MODELS),
                      help="comma-separated attack models (tiny-llava/NAME or registry names)")
     tb2.add_argument("--defenses", type=_csv_names, default=list(TABLE_DEFENSES), help="comma-separated defense names")

@@ -15,7 +15,7 @@ from .. import load_lvlm
 from ..attacks import ATTACKS, attack_from_dict, get_attack
 from ..data.real import load_dataset_folder
 from ..data.synthetic import SyntheticWorld
-from ..errors import AttackError, InputError, ModelSourceError
+from ..errors import AttackError, InputError, ModelSourceError, OutputExistsError
 from ..models.loading import read_card
 from ..models.registry import lookup, registered_models
 
@@ -116,6 +116,15 @@ def _prepare_out_file(path: str) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _refuse_existing_tables(out: str, names: list[str], overwrite: bool) -> None:
+    """``--out`` may not hold tables of these names already, unless ``--overwrite``."""
+    found = sorted(p.name for name in names for p in Path(out).glob(f"{name}.*")
+                   if p.suffix in (".parquet", ".csv") or p.name.endswith(".manifest.json"))
+    if found and not overwrite:
+        raise OutputExistsError(f"{out!r} already holds {', '.join(found)}; pass --overwrite to replace them "
+                                "or choose another --out")
 
 
 def _json_text(record: Any) -> str:

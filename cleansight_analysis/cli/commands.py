@@ -38,6 +38,7 @@ from .args import (
     _json_text,
     _model_and_attack,
     _prepare_out_file,
+    _refuse_existing_tables,
     _training_samples,
 )
 
@@ -218,7 +219,7 @@ TABLE_DEFENSES = ("none", "cleansight", "blur", "st", "jpeg", "strip")
 
 def cmd_tables(args: argparse.Namespace) -> int:
     """``cleansight tables``: attacks x defenses over the shipped tiny models, saved with manifests."""
-
+    _refuse_existing_tables(args.out, list(TABLES_WRITTEN), args.overwrite)
     start = time.perf_counter()
     models = {}
     for name in args.models:
@@ -244,9 +245,17 @@ def cmd_tables(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Tables each analysis writes under ``--out``.
+ANALYSIS_TABLES: dict[str, list[str]] = {
+    "stealing": ["stealing", "separability_layers", "separability_heads", "thief_tokens"],
+    "perturb": ["perturb"], "heads": ["heads", "patching"], "logit-lens": ["logit_lens"]}
+#: Tables ``cleansight tables`` writes under ``--out``.
+TABLES_WRITTEN = ("attack_defense_long", "table1_asr_cu", "attack_defense_all")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``cleansight analyze {stealing,perturb,heads,logit-lens}``: tables + manifests under ``--out``."""
-
+    _refuse_existing_tables(args.out, ANALYSIS_TABLES[args.analysis], args.overwrite)
     start = time.perf_counter()
     model, attack = _model_and_attack(args, need_attack=True)
     samples = _eval_samples(args)
