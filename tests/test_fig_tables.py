@@ -366,3 +366,30 @@ def test_plot_adapter_lora_orders_members_and_notes_missing_modes():
     plt.close(fig)
     html = styled_table(t4, index="member", metrics=("asr", "tpr")).to_html()
     assert "100.0 %" in html and "n/a" in html and "CleanSight" in html
+
+
+def test_defense_summary_is_written_from_the_tables():
+    """Notebook 08's findings come from its tables: a changed cell changes the text."""
+    import pandas as pd
+
+    from cleansight_analysis.plotting.summaries import defense_tables_summary
+
+    rows = []
+    for attack in ("badnet", "sig"):
+        for defense, asr, tpr in (("none", 1.0, None), ("cleansight", 1.0, 0.5), ("cleansight_all_layers", 0.25, 0.5),
+                                  ("st", 0.0, None)):
+            rows.append({"attack": attack, "defense": defense, "asr": asr if attack == "badnet" else 1.0,
+                         "clean_utility": 0.8 if defense != "st" else 0.5, "tpr": tpr, "fpr": 0.0 if tpr else None,
+                         "auroc": 0.9 if tpr else None, "n": 48, "n_val": 64})
+    t1 = pd.DataFrame(rows)
+    t3 = pd.DataFrame({"attack": ["badnet"] * 2, "defense": ["none", "random_pruning"], "asr": [1.0, 0.1],
+                       "clean_utility": [0.8, 0.7]})
+    t4 = pd.DataFrame({"member": ["badnet-lora"], "defense": ["cleansight_all_layers"], "asr": [0.2], "tpr": [0.9],
+                       "fpr": [0.02], "auroc": [0.99]})
+    text = defense_tables_summary(t1, t3, t4)
+    assert "n = 48" in text and "64 clean calibration" in text
+    assert "ASR badnet 25 %, sig 100 %; lowest on badnet" in text
+    assert "**ST**: ASR 0-100 % at a cost of 30 points of clean utility" in text
+    assert "ASR 10 % at a cost of 10 points" in text and "badnet-lora ASR 20 % (TPR 90 %" in text
+    t1.loc[(t1.attack == "badnet") & (t1.defense == "cleansight_all_layers"), "asr"] = 0.5
+    assert "ASR badnet 50 %" in defense_tables_summary(t1, t3, t4)

@@ -212,13 +212,16 @@ def table1() -> dict[str, str]:
     df = table("08_defense_tables/table1_attack_defense.parquet")
     at = df.set_index(["attack", "defense"])
     badnet_all = at.loc[("badnet", "cleansight_all_layers")]
-    others = df[(df["defense"] == "cleansight") & (df["attack"] != "badnet")]["auroc"]
+    cs = df[df["defense"] == "cleansight"]
+    others = cs[cs["attack"] != "badnet"]["auroc"]
     pix = df[df["defense"].isin(["st", "shrinkpad"])]
     cost = pix["clean_utility_undefended"] - pix["clean_utility"]
     return {"n": str(single(df["n"], "table1 n")), "n_attacks": str(df["attack"].nunique()),
             "all_asr_pct": pct0(badnet_all["asr"]), "all_cu_pct": pct0(badnet_all["clean_utility"]),
             "all_asr": f2(badnet_all["asr"]),
             "others_lo": f2(others.min()), "others_hi": f2(others.max()),
+            "badnet_tpr_pct": pct0(at.loc[("badnet", "cleansight"), "tpr"]),
+            "tpr_hi_pct": pct0(cs[cs["attack"] != "badnet"]["tpr"].max()), "fpr_hi_pct": pct0(cs["fpr"].max()),
             "pix_lo": pct0(pix["asr"].min()), "pix_hi": pct0(pix["asr"].max()),
             "cost_lo": pct0(cost.min()), "cost_hi": pct0(cost.max()),
             "st7": f2(at.loc[("badnet", "st"), "asr"]), "sp7": f2(at.loc[("badnet", "shrinkpad"), "asr"]),
@@ -297,8 +300,10 @@ FACTS: list[Fact] = [
     Fact("masking every layer does for BadNet (ASR {asr} at the calibrated tau)", pruning),
     Fact("The poisoned curve leaves the clean one from layer {onset}", logit_lens),
     Fact("Six attacks, n = {n}: the default one-pass CleanSight", table1),
-    Fact("with the all-layer mask BadNet falls to {all_asr_pct} % at unchanged clean utility ({all_cu_pct} %); the "
-         "other five attacks show no stealing signature (AUROC {others_lo}-{others_hi}). ShrinkPad / ST remove most "
+    Fact("with the all-layer mask BadNet falls to {all_asr_pct} % at unchanged clean utility ({all_cu_pct} %; the "
+         "cross-fitted threshold flags {badnet_tpr_pct} % of its triggered inputs at FPR <= {fpr_hi_pct} %); the other "
+         "five attacks reach detection AUROC {others_lo}-{others_hi} but TPR <= {tpr_hi_pct} % at that threshold, so "
+         "their ASR stays. ShrinkPad / ST remove most "
          "backdoors (ASR {pix_lo}-{pix_hi} %) at {cost_lo}-{cost_hi} points of clean utility", table1),
     Fact("Zeroing L{l}H{h} removes BadNet (ASR {base} -> {abl}); patching L{pl}H{ph} restores {restored} of the "
          "log-prob gap", heads),

@@ -1,0 +1,86 @@
+"""What a notebook's tables say, written as Markdown from the tables themselves (no hand-typed numbers).
+
+Each function reads tidy tables (the ones the notebook just computed or loaded from its cache) and returns
+Markdown text; a notebook shows it with ``IPython.display.Markdown(...)``, so its "what we see" paragraph
+always matches its figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None or not np.isfinite(float(value)) else f"{100 * float(value):.0f} %"
+
+
+def _span(values: Any, unit: str = " %") -> str:
+    """``"lo-hi %"`` of finite fractions in percent (one value: ``"v %"``); ``unit`` follows the numbers."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(float(v))]
+    if not vals:
+        return "n/a"
+    lo, hi = round(100 * min(vals)), round(100 * max(vals))
+    return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
+
+
+def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
+    """Markdown findings of Tables 1-4 (notebook 08).
+
+    Args:
+        t1: long table attack x defense (columns ``attack, defense, asr, clean_utility, poisoned_utility, tpr,
+            fpr, auroc, n, n_val``).
+        t3: module ablation (``attack, defense`` in ``none / full / no_detection / random_pruning``).
+        t4: seed replicates (``member, defense, asr, tpr, fpr, auroc``).
+    Returns:
+        Markdown bullets.
+    """
+    at = t1.set_index(["attack", "defense"])
+    attacks = list(dict.fromkeys(t1["attack"]))
+    none = t1[t1["defense"] == "none"].set_index("attack")
+    one = t1[t1["defense"] == "cleansight"].set_index("attack")
+    every = t1[t1["defense"] == "cleansight_all_layers"].set_index("attack")
+    n = int(t1["n"].iloc[0]) if "n" in t1 else None
+    n_val = int(t1["n_val"].iloc[0]) if "n_val" in t1 else None
+    lines = [f"*Computed from this run's tables: {len(attacks)} attacks, n = {n} clean test inputs and their "
+             f"triggered copies per model, {n_val} clean calibration inputs.*", ""]
+    lines.append(f"* **Undefended**: ASR {_span(none['asr'])}; clean utility {_span(none['clean_utility'])}.")
+    unchanged = [a for a in attacks if abs(float(one.loc[a, "asr"]) - float(none.loc[a, "asr"])) < 1e-9]
+    lines.append(f"* **CleanSight, one pass (the authors' mask scope)**: ASR unchanged for {len(unchanged)} of "
+                 f"{len(attacks)} attacks ({', '.join(unchanged) or 'none'}); detection per attack (TPR / FPR / "
+                 "AUROC): " + "; ".join(f"{a} {_pct(one.loc[a, 'tpr'])} / {_pct(one.loc[a, 'fpr'])} / "
+                                        f"{float(one.loc[a, 'auroc']):.2f}" for a in attacks) + ".")
+    best = min(attacks, key=lambda a: float(every.loc[a, "asr"]))
+    lines.append(f"* **CleanSight, mask in every layer**: ASR " + ", ".join(
+        f"{a} {_pct(every.loc[a, 'asr'])}" for a in attacks) + f"; lowest on {best} (clean utility "
+        f"{_pct(every.loc[best, 'clean_utility'])}, undefended {_pct(none.loc[best, 'clean_utility'])}). "
+        "An attack the threshold does not flag keeps its ASR whatever the scope.")
+    for name, label in (("shrinkpad", "ShrinkPad"), ("st", "ST"), ("blur", "Blur"), ("jpeg", "JPEG")):
+        rows = t1[t1["defense"] == name]
+        if len(rows):
+            cost = [float(none.loc[a, "clean_utility"]) - float(at.loc[(a, name), "clean_utility"])
+                    for a in rows["attack"]]
+            lines.append(f"* **{label}**: ASR {_span(rows['asr'])} at a cost of {_span(cost, ' points')} of "
+                         "clean utility.")
+    detectors = [d for d in ("strip", "scale_up", "attention_entropy") if (t1["defense"] == d).any()]
+    if detectors:
+        lines.append("* **Input detectors** (answers unchanged, so ASR stays undefended): TPR " + "; ".join(
+            f"{d} {_span(t1[t1['defense'] == d]['tpr'])}" for d in detectors) + ".")
+    t3i = t3.set_index(["attack", "defense"])
+    if "random_pruning" in set(t3["defense"]):
+        rp = t3[t3["defense"] == "random_pruning"]
+        drop = [float(t3i.loc[(a, "none"), "clean_utility"]) - float(t3i.loc[(a, "random_pruning"), "clean_utility"])
+                for a in rp["attack"]]
+        lines.append(f"* **Table 3**: random pruning of 90 % of the image tokens: ASR {_span(rp['asr'])} at a "
+                     f"cost of {_span(drop, ' points')} of clean utility; pruning every input without detection: ASR "
+                     f"{_span(t3[t3['defense'] == 'no_detection']['asr'])}.")
+    reps = t4[t4["member"].astype(str).str.endswith("-lora") & (t4["defense"] == "cleansight_all_layers")]
+    if len(reps):
+        lines.append("* **Table 4** (second LoRA seed, mask in every layer): " + "; ".join(
+            f"{r.member} ASR {_pct(r.asr)} (TPR {_pct(r.tpr)}, FPR {_pct(r.fpr)}, AUROC {float(r.auroc):.2f})"
+            for r in reps.itertuples()) + ".")
+    return "\n".join(lines)
+
+
+__all__ = ["defense_tables_summary"]
