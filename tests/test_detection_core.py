@@ -12,7 +12,7 @@ import torch
 
 from cleansight_analysis.attacks import get_attack
 from cleansight_analysis.attention.stealing import StealingSettings
-from cleansight_analysis.defenses import ablations, masking
+from cleansight_analysis.defenses import ablations
 from cleansight_analysis.defenses.cleansight import CleanSight, CleanSightConfig
 from cleansight_analysis.detection import (DetectorSettings, Whitener, attention_pruning_positions, batch_masses,
                                            feature_values, fit_detector, key_mask_hook, key_mask_hooks,
@@ -149,9 +149,9 @@ def test_key_mask_hook_variants():
     assert (key_mask_hook(lambda: None)(scores.clone()) == 0).all()                # nothing known yet
     with pytest.raises(InputError, match="built for 2 samples"):
         key_mask_hook(mask)(torch.zeros(3, 1, 4, 4))
-    # one factory: the defense-side and harness names are the core's functions
-    assert masking.key_mask_hooks is core_masking.key_mask_hooks is sweeps.key_mask_hooks is key_mask_hooks
-    assert masking.attention_pruning_positions is core_pruning.attention_pruning_positions
+    # one factory: the sweeps and the ablations use the core's functions
+    assert core_masking.key_mask_hooks is sweeps.key_mask_hooks is key_mask_hooks
+    assert core_pruning.attention_pruning_positions is attention_pruning_positions
     assert ablations.key_mask_hooks is key_mask_hooks
 
 

@@ -19,7 +19,7 @@ from cleansight_analysis.attacks import get_attack
 from cleansight_analysis.data.base import Sample
 from cleansight_analysis.defenses import Defense, DefenseOutput, NoDefense
 from cleansight_analysis.defenses import ablations as A
-from cleansight_analysis.defenses import masking as M
+from cleansight_analysis.detection import masking as M
 from cleansight_analysis.errors import InputError
 from cleansight_analysis.evaluation import grid as G
 from cleansight_analysis.evaluation import runner as R

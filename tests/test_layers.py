@@ -10,7 +10,7 @@ own unit. Units of equal rank are siblings and must not import each other.
 Layer map, bottom to top (rank: units):
 
 - **L0 utilities** -- 0.0 ``errors``; 0.1 ``_runtime``, ``registry`` (the one :class:`Registry`
-  pattern); 0.2 ``manifest``; 0.3 ``results`` (writes tables with a manifest).
+  pattern), ``settings`` (the one validated-settings pattern, on pydantic); 0.2 ``manifest``; 0.3 ``results`` (writes tables with a manifest).
 - **L1 inputs and data** -- 1.0 ``data`` (the ``Sample`` type, datasets, the synthetic world) and
   ``inputs`` (images, templates, conversations, batches, token groups): independent siblings;
   1.1 ``attacks`` (poisons ``Sample``s and images: imports both).
@@ -58,7 +58,7 @@ FACADE = "<facade>"
 
 #: unit -> rank (see the module docstring). Equal ranks are siblings.
 RANKS: dict[str, float] = {
-    "errors": 0.0, "_runtime": 0.1, "registry": 0.1, "manifest": 0.2, "results": 0.3,
+    "errors": 0.0, "_runtime": 0.1, "registry": 0.1, "settings": 0.1, "manifest": 0.2, "results": 0.3,
     "data": 1.0, "inputs": 1.0, "attacks": 1.1,
     "models": 2.0, "detection": 2.1,
     "attention": 3.0, "interventions": 3.0,

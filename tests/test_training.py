@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from cleansight_analysis.training.lvlm import (ConversationBatcher, TrainSetting
                                               seeded_indices, train_loop)
 from cleansight_analysis.training.objectives import make_loss
 from cleansight_analysis.training.recipe import TinyRecipe, make_tiny_model, train_tiny_clean
-from cleansight_analysis.training.sequences import IGNORE, ConversationEncoder
+from cleansight_analysis.inputs.conversation import IGNORE, ConversationEncoder
 
 SMALL = TinyRecipe(vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2, intermediate=64,
                    vision_steps=4, vision_batch=8, clean_steps=40, clean_batch=8, clean_lr=5e-3, eval_n=16,
@@ -139,12 +140,19 @@ def test_objectives():
 
 
 def test_bad_backdoor_settings():
-    with pytest.raises(InputError, match="poison rate"):
+    with pytest.raises(InputError, match=r"BackdoorSettings: poison_rate=0 must be a number in \(0, 1\]"):
         BackdoorSettings(poison_rate=0)
-    with pytest.raises(InputError, match="poison rate"):
+    with pytest.raises(InputError, match="poison_rate=1.5"):
         BackdoorSettings(poison_rate=1.5)
-    with pytest.raises(InputError, match="mode"):
+    with pytest.raises(InputError, match="mode='full' must be one of"):
         BackdoorSettings(mode="full")
+    with pytest.raises(InputError, match="steps=True must be an int"):
+        BackdoorSettings(steps=True)  # a bool is not a step count
+    with pytest.raises(InputError, match="unknown setting 'poison'"):
+        BackdoorSettings(poison=0.5)
+    with pytest.raises(InputError, match="warmup=1.0 must be a fraction"):
+        TrainSettings(steps=10, warmup=1.0)
+    assert BackdoorSettings(steps=np.int64(7)).steps == 7 and type(BackdoorSettings(steps=np.int64(7)).steps) is int
 
 
 def test_family_build_and_cli_round_trip(small_clean, tmp_path, capsys):

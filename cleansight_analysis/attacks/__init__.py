@@ -21,7 +21,6 @@ from .base import (
     ALIASES,
     ATTACKS,
     DEFAULT_TARGET,
-    LOCATION_NAMES,
     MODES,
     OBJECTIVES,
     UNAVAILABLE,
@@ -32,6 +31,7 @@ from .base import (
     list_presets,
     register_attack,
 )
+from .checks import LOCATION_NAMES
 from .patterns import BLEND_PATTERN_PATH, blend_pattern, cartoon_pattern, write_assets
 from .poison import poison_samples, triggered_copy
 from .triggers import SIG, VLOOD, BadNet, Blended, Custom, PatchAttack, TrojVLM, WaNet

@@ -22,7 +22,6 @@ custom    your picture, size 30/336, top-left (or blended 0.2)    (none)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,87 +31,19 @@ from PIL import Image
 
 from ..errors import InputError
 from . import patterns
-from .base import (
-    Attack,
-    Box,
-    _is_float,
-    _is_int,
-    check_image_setting,
-    check_length,
-    check_location,
-    check_rng,
-    check_size,
-    fmt_length,
-    load_image_setting,
-    register_attack,
-    resolve_length,
-    resolve_location,
-    resolve_patch_size,
-)
+from .base import Attack, register_attack
+from .checks import (Box, _blend_arrays, _check_alpha, _check_pattern, _check_seed, _check_weight, _is_float, _is_int,
+                     _resize, _round_u8, _to_array, check_image_setting, check_length, check_location, check_rng,
+                     check_size, fmt_length, load_image_setting, resolve_length, resolve_location, resolve_patch_size)
 
 #: Named patch patterns of the patch attacks (anything else must be a picture: path or PIL image).
 PATCH_PATTERNS = ("noise", "mean_noise", "checkerboard", "white", "black")
 #: Named blend patterns of :class:`Blended`.
 BLEND_PATTERNS = ("cartoon", "noise")
-_PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 _KITTY = ("hello_kitty", "hello-kitty", "hellokitty", "kitty", "hello kitty")
 
 #: The CleanSight BadNet patch, shared by the LVLM presets of BadNet, TrojVLM and VLOOD.
 _LVLM_PATCH = {"size": 30 / 336, "location": "top-left", "pattern": "mean_noise", "pattern_seed": 42}
-
-
-def _to_array(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.uint8)
-
-
-def _round_u8(values: np.ndarray) -> np.ndarray:
-    """Round half-up and clip float grey levels to ``uint8``."""
-    return np.clip(np.floor(values + 0.5), 0, 255).astype(np.uint8)
-
-
-def _blend_arrays(image: np.ndarray, pattern: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - alpha) * image + alpha * pattern`` on ``[H, W, 3]`` uint8 arrays, rounded to uint8."""
-    out = (1.0 - alpha) * image.astype(np.float64) + alpha * pattern.astype(np.float64)
-    return _round_u8(out)
-
-
-def _check_alpha(value: Any, name: str, owner: str) -> float:
-    if (_is_int(value) or _is_float(value)) and 0.0 <= float(value) <= 1.0:
-        return float(value)
-    raise InputError(f"{owner}: {name}={value!r} is invalid; use a number in [0, 1]")
-
-
-def _check_weight(value: Any, name: str, owner: str, upper: float | None = None) -> float:
-    ok = (_is_int(value) or _is_float(value)) and np.isfinite(float(value)) and float(value) >= 0.0
-    if ok and (upper is None or float(value) <= upper):
-        return float(value)
-    rng = f"[0, {upper:g}]" if upper is not None else ">= 0"
-    raise InputError(f"{owner}: {name}={value!r} is invalid; use a number {rng}")
-
-
-def _check_seed(value: Any, name: str, owner: str) -> int:
-    if _is_int(value) and value >= 0:
-        return int(value)
-    raise InputError(f"{owner}: {name} must be an int >= 0, got {value!r}")
-
-
-def _check_pattern(value: Any, names: tuple[str, ...], owner: str) -> str | Image.Image:
-    """A pattern setting: one of ``names`` (normalised), an existing image file (path) or a PIL image."""
-    if isinstance(value, str):
-        key = value.strip().lower().replace("-", "_")
-        if key in names:
-            return key
-        looks_like_file = Path(value).is_file() or Path(value).suffix.lower() in _PICTURE_SUFFIXES
-        if not looks_like_file:
-            raise InputError(
-                f"{owner}: pattern={value!r} is not a known pattern; use one of {', '.join(names)} "
-                "or a picture (image file path or PIL image)"
-            )
-    return check_image_setting(value, "pattern", owner=owner)
-
-
-def _resize(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return picture if picture.size == tuple(size) else picture.resize(tuple(size), Image.Resampling.BICUBIC)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,13 +29,16 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Literal, Sequence
 
 import numpy as np
+from pydantic import BeforeValidator
 
-from ..detection.features import FEATURES, LOG_EPS, MASS_COLUMNS, RATIO_EPS, stealing_features
+from ..detection.detector import FeatureSetting
+from ..detection.features import LOG_EPS, MASS_COLUMNS, RATIO_EPS, stealing_features
 from ..detection.whitening import Whitener
 from ..errors import InputError
+from ..settings import Field, Real, settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -140,7 +143,7 @@ class WhitenedDistance(Whitener):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@settings
 class SeparabilitySettings:
     """The detector statistic and the labels used by :func:`layer_separability` and friends.
 
@@ -158,34 +161,22 @@ class SeparabilitySettings:
             calibration images, so no scored input shares an image with the calibration set.
     """
 
-    covariance: str = "diagonal"
-    shrinkage: float | str = "ledoit-wolf"
-    eps: float = 1e-8
-    feature: str = "ratio"
-    head_mean_score: str = "distance"
-    clean_condition: str = "clean"
-    poisoned_condition: str = "triggered"
+    covariance: Annotated[Literal[COVARIANCES], Field(description=f"must be one of {COVARIANCES}")] = "diagonal"
+    shrinkage: Annotated[Any, BeforeValidator(lambda v: _check_shrinkage(v, "SeparabilitySettings"))] = "ledoit-wolf"
+    eps: Annotated[Real, Field(gt=0.0, description="must be a finite number > 0")] = 1e-8
+    feature: FeatureSetting = "ratio"
+    head_mean_score: Annotated[Literal[HEAD_MEAN_SCORES],
+                               Field(description=f"must be one of {HEAD_MEAN_SCORES}")] = "distance"
+    clean_condition: Annotated[str, Field(min_length=1, description="must be a non-empty string")] = "clean"
+    poisoned_condition: Annotated[str, Field(min_length=1, description="must be a non-empty string")] = "triggered"
     exclude_calibration_pairs: bool = True
 
     def __post_init__(self) -> None:
         owner = "SeparabilitySettings"
-        if self.covariance not in COVARIANCES:
-            raise InputError(f"{owner}: covariance={self.covariance!r} must be one of {COVARIANCES}")
-        object.__setattr__(self, "shrinkage", _check_shrinkage(self.shrinkage, owner))
-        object.__setattr__(self, "eps", _check_eps(self.eps, owner))
-        if self.feature not in FEATURES:
-            raise InputError(f"{owner}: feature={self.feature!r} must be one of {FEATURES}")
-        if self.head_mean_score not in HEAD_MEAN_SCORES:
-            raise InputError(f"{owner}: head_mean_score={self.head_mean_score!r} must be one of {HEAD_MEAN_SCORES}")
         if self.feature == "masses" and self.head_mean_score == "signed":
             raise InputError(f"{owner}: head_mean_score='signed' needs one value per head; feature='masses' has two")
-        for name in ("clean_condition", "poisoned_condition"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise InputError(f"{owner}: {name}={getattr(self, name)!r} must be a non-empty string")
         if self.clean_condition == self.poisoned_condition:
             raise InputError(f"{owner}: clean_condition and poisoned_condition are both {self.clean_condition!r}")
-        if not isinstance(self.exclude_calibration_pairs, bool):
-            raise InputError(f"{owner}: exclude_calibration_pairs must be True or False")
 
     @property
     def width(self) -> int:

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Sequence
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -39,13 +40,15 @@ from tqdm.auto import tqdm
 from ..attacks import triggered_copy
 from ..attacks.base import Attack
 from ..data.base import Sample, check_samples
-from ..detection.features import TEXT_GROUPS, TEXT_KEYS, feature_values, image_text_masses
+from ..detection.detector import EpsSetting, TextKeysSetting
+from ..detection.features import TEXT_GROUPS, feature_values, image_text_masses
 from ..errors import InputError
 from ..inputs.groups import GROUP_NAMES
 from ..inputs.images import to_rgb_image
 from ..models.hooked import HookedLVLM
 from ..models.intervention import Intervention, NoIntervention
 from ..models.rows import AttentionRows
+from ..settings import PositiveInt, settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -93,7 +96,7 @@ def _check_batch_size(batch_size: Any, owner: str) -> int:
     return int(batch_size)
 
 
-@dataclass(frozen=True)
+@settings
 class StealingSettings:
     """How :func:`stealing_table` computes the attention-stealing ratio.
 
@@ -106,24 +109,10 @@ class StealingSettings:
         eps: added to the denominator (the paper's ``1e-12``); must be finite and ``>= 0``.
     """
 
-    text_keys: str = "post_image"
-    layers: int | Sequence[int] | None = None
-    batch_size: int = 32
-    eps: float = 1e-12
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.text_keys, str) or self.text_keys not in TEXT_KEYS:
-            raise InputError(
-                f"StealingSettings: text_keys={self.text_keys!r} is unknown; use 'post_image' (every key after "
-                "the image: instruction + template tail, the authors' code) or 'instruction' (prompt tokens "
-                "only, the paper's text)"
-            )
-        object.__setattr__(self, "layers", _check_layers_arg(self.layers, "StealingSettings"))
-        object.__setattr__(self, "batch_size", _check_batch_size(self.batch_size, "StealingSettings"))
-        eps = self.eps
-        if not isinstance(eps, numbers.Real) or isinstance(eps, bool) or not math.isfinite(float(eps)) or eps < 0:
-            raise InputError(f"StealingSettings: eps={eps!r} must be a finite number >= 0")
-        object.__setattr__(self, "eps", float(eps))
+    text_keys: TextKeysSetting = "post_image"
+    layers: Annotated[Any, BeforeValidator(lambda v: _check_layers_arg(v, "StealingSettings"))] = None
+    batch_size: PositiveInt = 32
+    eps: EpsSetting = 1e-12
 
     @property
     def text_groups(self) -> tuple[str, ...]:

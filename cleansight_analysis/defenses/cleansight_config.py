@@ -3,9 +3,8 @@ schema of saved calibration files (every check raises :class:`~cleansight_analys
 with one line naming the file, the key, the bad value and what is accepted).
 
 The detector's settings (``feature``, ``whitening``, ``threshold_fit``, ``folds``, ``quantile``,
-``text_keys``, ``eps``, ``log_eps``, ``sigma_eps``) are validated by
-:func:`cleansight_analysis.detection.detector.validate`, the same rules as
-:class:`~cleansight_analysis.detection.DetectorSettings`.
+``text_keys``, ``eps``, ``log_eps``, ``sigma_eps``) are checked by the same annotated types as
+:class:`~cleansight_analysis.detection.DetectorSettings` (:mod:`cleansight_analysis.detection.detector`).
 """
 
 from __future__ import annotations
@@ -14,17 +13,20 @@ import math
 import numbers
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator
 
-from ..detection.detector import DetectorSettings, THRESHOLD_FITS, validate
+from ..detection.detector import (THRESHOLD_FITS, DetectorSettings, EpsSetting, FeatureSetting, FoldsSetting,
+                                  LogEpsSetting, SigmaEpsSetting, TextKeysSetting, ThresholdFitSetting, WhiteningSetting)
 from ..detection.features import FEATURE_WIDTH, FEATURES, TEXT_GROUPS
 from ..detection.passes import MASK_SCOPES
 from ..detection.whitening import WHITENINGS, Whitener
 from ..errors import CalibrationError, InputError
 from ..models.fingerprint import ALGORITHM
+from ..settings import Field, PositiveInt, Unit01, settings
 
 #: Query rows the detector reads: the last prompt token, or also every generated token.
 QUERIES: tuple[str, ...] = ("last", "generated")
@@ -47,9 +49,29 @@ def _is_real(x: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+def _layers(value: Any) -> Any:
+    """``layers``: ``"auto"``, or layer indices (an int, a list / tuple / tensor of ints) -> sorted unique list."""
+    own = "CleanSightConfig"
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, str):
+        if value != "auto":
+            raise InputError(f"{own}: layers={value!r} must be 'auto' or a list of layer indices")
+        return value
+    if _is_int(value):
+        return [int(value)]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputError(f"{own}: layers={value!r} must be 'auto' or a non-empty list of ints")
+    bad = [x for x in value if not _is_int(x)]
+    if bad:
+        raise InputError(f"{own}: layers must be ints, got {bad!r}")
+    return sorted({int(x) for x in value})
+
+
+@settings
 class CleanSightConfig:
-    """Every setting of CleanSight (validated on construction; ``to_dict`` / ``from_dict`` for files).
+    """Every setting of CleanSight (checked on construction, see :mod:`cleansight_analysis.settings`;
+    ``to_dict`` / ``from_dict`` for files).
 
     ``CleanSightConfig.paper()`` is the paper's detector (``feature="ratio"``, ``whitening="diagonal"``,
     ``threshold_fit="in_sample"``); the defaults differ where measurement showed the paper's choice breaks a
@@ -107,66 +129,29 @@ class CleanSightConfig:
         batch_size: samples per forward pass in ``fit``.
     """
 
-    layers: Any = "auto"
-    feature: str = DetectorSettings.feature
-    whitening: str = DetectorSettings.whitening
-    threshold_fit: str = DetectorSettings.threshold_fit
-    folds: int = DetectorSettings.folds
-    quantile: float = 0.99
-    tau: Any = "auto"
-    tau_quantile: float = 0.99
-    text_keys: str = "post_image"
-    mask_scope: str = "reference"
-    query: str = "last"
-    calibration_tokens: int = 8
-    eps: float = DetectorSettings.eps
-    log_eps: float = DetectorSettings.log_eps
-    sigma_eps: float = DetectorSettings.sigma_eps
-    window: int = 3
-    batch_size: int = 16
+    layers: Annotated[Any, BeforeValidator(_layers)] = "auto"
+    feature: FeatureSetting = DetectorSettings.feature
+    whitening: WhiteningSetting = DetectorSettings.whitening
+    threshold_fit: ThresholdFitSetting = DetectorSettings.threshold_fit
+    folds: FoldsSetting = DetectorSettings.folds
+    quantile: Unit01 = 0.99
+    tau: Annotated[Union[Literal["auto"], Unit01], Field(description="must be a number in (0, 1] or 'auto'")] = "auto"
+    tau_quantile: Unit01 = 0.99
+    text_keys: TextKeysSetting = "post_image"
+    mask_scope: Annotated[Literal[MASK_SCOPES], Field(description=f"must be one of {MASK_SCOPES}")] = "reference"
+    query: Annotated[Literal[QUERIES], Field(description=f"must be one of {QUERIES} ('last': the last prompt token; "
+                                                         "'generated': also every decoding query)")] = "last"
+    calibration_tokens: PositiveInt = 8
+    eps: EpsSetting = DetectorSettings.eps
+    log_eps: LogEpsSetting = DetectorSettings.log_eps
+    sigma_eps: SigmaEpsSetting = DetectorSettings.sigma_eps
+    window: PositiveInt = 3
+    batch_size: PositiveInt = 16
 
     def __post_init__(self) -> None:
-        own = "CleanSightConfig"
-        layers = self.layers
-        if isinstance(layers, torch.Tensor):
-            layers = layers.tolist()
-        if isinstance(layers, str):
-            if layers != "auto":
-                raise InputError(f"{own}: layers={layers!r} must be 'auto' or a list of layer indices")
-        elif _is_int(layers):
-            layers = [int(layers)]
-        else:
-            if not isinstance(layers, (list, tuple)) or not layers:
-                raise InputError(f"{own}: layers={layers!r} must be 'auto' or a non-empty list of ints")
-            bad = [x for x in layers if not _is_int(x)]
-            if bad:
-                raise InputError(f"{own}: layers must be ints, got {bad!r}")
-            layers = sorted({int(x) for x in layers})
-        object.__setattr__(self, "layers", layers)
-        validate(self, own)  # feature, whitening, threshold_fit, folds, quantile, text_keys, eps, log_eps, sigma_eps
-        v = self.tau_quantile
-        if not _is_real(v) or not 0.0 < float(v) <= 1.0:
-            raise InputError(f"{own}: tau_quantile={v!r} must be a number in (0, 1]")
-        object.__setattr__(self, "tau_quantile", float(v))
-        if isinstance(self.tau, str):
-            if self.tau != "auto":
-                raise InputError(f"{own}: tau={self.tau!r} must be a number in (0, 1] or 'auto'")
-        elif not _is_real(self.tau) or not 0.0 < float(self.tau) <= 1.0:
-            raise InputError(f"{own}: tau={self.tau!r} must be a number in (0, 1] or 'auto'")
-        else:
-            object.__setattr__(self, "tau", float(self.tau))
-        if self.mask_scope not in MASK_SCOPES:
-            raise InputError(f"{own}: mask_scope={self.mask_scope!r} must be one of {MASK_SCOPES}")
-        if self.query not in QUERIES:
-            raise InputError(f"{own}: query={self.query!r} must be one of {QUERIES} ('last': the last prompt "
-                             "token; 'generated': also every decoding query)")
         if self.query == "generated" and self.mask_scope in ("prefill_only", "all_layers"):
-            raise InputError(f"{own}: query='generated' flags samples during decoding, which mask_scope="
+            raise InputError(f"CleanSightConfig: query='generated' flags samples during decoding, which mask_scope="
                              f"{self.mask_scope!r} cannot act on; use mask_scope='reference' or 'from_detection'")
-        for name in ("window", "batch_size", "calibration_tokens"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise InputError(f"{own}: {name}={v!r} must be an int >= 1")
 
     @classmethod
     def paper(cls, **changes: Any) -> "CleanSightConfig":

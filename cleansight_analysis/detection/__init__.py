@@ -9,7 +9,7 @@
 - :mod:`.tables`: tidy tables of group masses and features back from them (the detection sweeps);
 - :mod:`.measure`: the feature x whitening measurement behind the defaults (docs/detector.md).
 
-Imports only models / inputs / attention.rows; CleanSight (``defenses``) and the sweeps (``evaluation``)
+Imports only models (with ``models.rows``) and inputs; CleanSight (``defenses``) and the sweeps (``evaluation``)
 build on it.
 """
 

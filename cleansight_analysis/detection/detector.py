@@ -24,17 +24,16 @@ and the threshold is the quantile of each sample's largest distance.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 
 from ..errors import InputError
-from .features import (FEATURE_WIDTH, LOG_EPS, MASS_GROUPS, RATIO_EPS, check_eps, check_feature, check_text_keys,
+from ..settings import Field, Int, Real, Unit01, settings
+from .features import (FEATURE_RULE, FEATURE_WIDTH, FEATURES, LOG_EPS, MASS_GROUPS, RATIO_EPS, TEXT_KEYS, TEXT_KEYS_RULE,
                        stealing_features)
-from .whitening import SIGMA_EPS, Whitener, as_matrix, check_whitening, min_samples
+from .whitening import SIGMA_EPS, WHITENING_RULE, WHITENINGS, Whitener, as_matrix, min_samples
 
 #: Which clean distances set the threshold (see the module docstring).
 THRESHOLD_FITS: tuple[str, ...] = ("cross_fit", "in_sample")
@@ -45,43 +44,36 @@ DEFAULT_THRESHOLD_FIT = "cross_fit"
 DEFAULT_FOLDS = 5
 
 
-def check_quantile(value: Any, owner: str, name: str = "quantile") -> float:
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value))
-            or not 0.0 < float(value) <= 1.0):
-        raise InputError(f"{owner}: {name}={value!r} must be a number in (0, 1]")
-    return float(value)
+#: Rules of the detector's settings (the error text of :class:`DetectorSettings` and of every class that
+#: embeds them, e.g. :class:`~cleansight_analysis.defenses.cleansight.CleanSightConfig`).
+FeatureSetting = Annotated[Literal[FEATURES], Field(description=FEATURE_RULE)]
+WhiteningSetting = Annotated[Literal[WHITENINGS], Field(description=WHITENING_RULE)]
+ThresholdFitSetting = Annotated[Literal[THRESHOLD_FITS], Field(description=f"must be one of {THRESHOLD_FITS} "
+    "('cross_fit': gamma from out-of-fold distances; 'in_sample': from the calibration samples' own distances, "
+    "the paper's)")]
+FoldsSetting = Annotated[Int, Field(ge=2, description="must be an int >= 2")]
+TextKeysSetting = Annotated[Literal[TEXT_KEYS], Field(description=TEXT_KEYS_RULE)]
+EpsSetting = Annotated[Real, Field(ge=0.0, description="must be a finite number >= 0")]
+LogEpsSetting = Annotated[Real, Field(gt=0.0, description="must be a finite number > 0")]
+SigmaEpsSetting = Annotated[Real, Field(gt=0.0, description="must be a finite number > 0 (it keeps zero-variance "
+                                                            "dimensions from dividing by zero)")]
 
 
-def check_threshold_fit(value: Any, owner: str) -> str:
-    if not isinstance(value, str) or value not in THRESHOLD_FITS:
-        raise InputError(f"{owner}: threshold_fit={value!r} must be one of {THRESHOLD_FITS} ('cross_fit': gamma from "
-                         "out-of-fold distances; 'in_sample': from the calibration samples' own distances, the paper's)")
-    return value
-
-
-def check_folds(value: Any, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 2:
-        raise InputError(f"{owner}: folds={value!r} must be an int >= 2")
-    return int(value)
-
-
-@dataclass(frozen=True)
+@settings
 class DetectorSettings:
-    """Every setting of the detector (see the module docstring). ``DetectorSettings.paper()``: the paper's
-    ratio + diagonal whitening + in-sample threshold."""
+    """Every setting of the detector (see the module docstring), checked on construction (an
+    :class:`~cleansight_analysis.errors.InputError` names the setting). ``DetectorSettings.paper()``: the
+    paper's ratio + diagonal whitening + in-sample threshold."""
 
-    feature: str = DEFAULT_FEATURE
-    whitening: str = DEFAULT_WHITENING
-    threshold_fit: str = DEFAULT_THRESHOLD_FIT
-    folds: int = DEFAULT_FOLDS
-    quantile: float = 0.99
-    text_keys: str = "post_image"
-    eps: float = RATIO_EPS
-    log_eps: float = LOG_EPS
-    sigma_eps: float = SIGMA_EPS
-
-    def __post_init__(self) -> None:
-        validate(self, "DetectorSettings")
+    feature: FeatureSetting = DEFAULT_FEATURE
+    whitening: WhiteningSetting = DEFAULT_WHITENING
+    threshold_fit: ThresholdFitSetting = DEFAULT_THRESHOLD_FIT
+    folds: FoldsSetting = DEFAULT_FOLDS
+    quantile: Unit01 = 0.99
+    text_keys: TextKeysSetting = "post_image"
+    eps: EpsSetting = RATIO_EPS
+    log_eps: LogEpsSetting = LOG_EPS
+    sigma_eps: SigmaEpsSetting = SIGMA_EPS
 
     @classmethod
     def paper(cls, **changes: Any) -> "DetectorSettings":
@@ -98,26 +90,6 @@ class DetectorSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def validate(obj: Any, owner: str) -> None:
-    """Check and normalise the detector settings found on ``obj`` (a frozen dataclass with those fields)."""
-    def put(name: str, value: Any) -> None:
-        object.__setattr__(obj, name, value)
-
-    put("feature", check_feature(obj.feature, owner))
-    put("whitening", check_whitening(obj.whitening, owner))
-    put("threshold_fit", check_threshold_fit(obj.threshold_fit, owner))
-    put("folds", check_folds(obj.folds, owner))
-    put("quantile", check_quantile(obj.quantile, owner))
-    put("text_keys", check_text_keys(obj.text_keys, owner))
-    put("eps", check_eps(obj.eps, owner, "eps", positive=False))
-    put("log_eps", check_eps(obj.log_eps, owner, "log_eps", positive=True))
-    if not isinstance(obj.sigma_eps, numbers.Real) or isinstance(obj.sigma_eps, bool) or not (
-            math.isfinite(float(obj.sigma_eps)) and obj.sigma_eps > 0):
-        raise InputError(f"{owner}: sigma_eps={obj.sigma_eps!r} must be a finite number > 0 "
-                         "(it keeps zero-variance dimensions from dividing by zero)")
-    put("sigma_eps", float(obj.sigma_eps))
 
 
 @dataclass
@@ -221,5 +193,6 @@ def fit_detector(x: Any, settings: DetectorSettings | None = None, *, groups: An
 
 
 __all__ = ["DEFAULT_FEATURE", "DEFAULT_FOLDS", "DEFAULT_THRESHOLD_FIT", "DEFAULT_WHITENING", "THRESHOLD_FITS",
-           "Detector", "DetectorSettings", "check_folds", "check_quantile", "check_threshold_fit", "fit_detector",
-           "least_samples", "validate"]
+           "Detector", "DetectorSettings", "EpsSetting", "FeatureSetting", "FoldsSetting", "LogEpsSetting",
+           "SigmaEpsSetting", "TextKeysSetting", "ThresholdFitSetting", "WhiteningSetting", "fit_detector",
+           "least_samples"]

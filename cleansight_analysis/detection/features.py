@@ -62,20 +62,22 @@ FEATURE_WIDTH: dict[str, int] = {"ratio": 1, "log_ratio": 1, "masses": 2}
 #: Defaults of the ratio's ``eps`` (the paper's) and of ``log_ratio``'s ``log_eps``.
 RATIO_EPS = 1e-12
 LOG_EPS = 1e-6
+#: What ``feature`` and ``text_keys`` accept (the one wording of both rules).
+FEATURE_RULE = (f"must be one of {FEATURES} ('ratio': image / (text + eps), the paper's; 'log_ratio': "
+                "log(image + log_eps) - log(text + log_eps); 'masses': (image, text))")
+TEXT_KEYS_RULE = (f"must be one of {TEXT_KEYS} ('post_image': instruction + template tail, the authors' code; "
+                  "'instruction': prompt tokens only, the paper's text)")
 
 
 def check_feature(feature: Any, owner: str) -> str:
     if not isinstance(feature, str) or feature not in FEATURES:
-        raise InputError(f"{owner}: feature={feature!r} must be one of {FEATURES} ('ratio': image / (text + eps), "
-                         "the paper's; 'log_ratio': log(image + log_eps) - log(text + log_eps); 'masses': "
-                         "(image, text))")
+        raise InputError(f"{owner}: feature={feature!r} {FEATURE_RULE}")
     return feature
 
 
 def check_text_keys(text_keys: Any, owner: str) -> str:
     if not isinstance(text_keys, str) or text_keys not in TEXT_KEYS:
-        raise InputError(f"{owner}: text_keys={text_keys!r} must be one of {TEXT_KEYS} ('post_image': instruction "
-                         "+ template tail, the authors' code; 'instruction': prompt tokens only, the paper's text)")
+        raise InputError(f"{owner}: text_keys={text_keys!r} {TEXT_KEYS_RULE}")
     return text_keys
 
 
@@ -201,5 +203,5 @@ def table_masses(table: "pd.DataFrame", layers: Sequence[int] | None = None, *,
 
 
 __all__ = ["FEATURES", "FEATURE_WIDTH", "LOG_EPS", "MASS_COLUMNS", "MASS_GROUPS", "RATIO_EPS", "TEXT_GROUPS",
-           "TEXT_KEYS", "check_feature", "check_text_keys", "feature_names", "feature_values", "group_masses",
+           "TEXT_KEYS", "FEATURE_RULE", "TEXT_KEYS_RULE", "check_feature", "check_text_keys", "feature_names", "feature_values", "group_masses",
            "image_text_masses", "membership", "stealing_features", "table_masses"]

@@ -32,12 +32,14 @@ from ..errors import InputError
 WHITENINGS: tuple[str, ...] = ("diagonal", "ledoit_wolf")
 #: Default floor added to each ``sigma`` (the paper's 1e-8).
 SIGMA_EPS = 1e-8
+#: What ``whitening`` accepts.
+WHITENING_RULE = (f"must be one of {WHITENINGS} ('diagonal': per-dimension mu and sigma, the paper's; 'ledoit_wolf': "
+                  "Mahalanobis with a Ledoit-Wolf shrunk covariance)")
 
 
 def check_whitening(whitening: Any, owner: str) -> str:
     if not isinstance(whitening, str) or whitening not in WHITENINGS:
-        raise InputError(f"{owner}: whitening={whitening!r} must be one of {WHITENINGS} ('diagonal': per-dimension "
-                         "mu and sigma, the paper's; 'ledoit_wolf': Mahalanobis with a Ledoit-Wolf shrunk covariance)")
+        raise InputError(f"{owner}: whitening={whitening!r} {WHITENING_RULE}")
     return whitening
 
 
@@ -155,4 +157,4 @@ def whitened_distance(x: Any, mu: np.ndarray, sigma: np.ndarray, sigma_eps: floa
     return Whitener.from_params("diagonal", mu, sigma, sigma_eps=sigma_eps).distance(x)
 
 
-__all__ = ["SIGMA_EPS", "WHITENINGS", "Whitener", "as_matrix", "check_whitening", "min_samples", "whitened_distance"]
+__all__ = ["SIGMA_EPS", "WHITENINGS", "WHITENING_RULE", "Whitener", "as_matrix", "check_whitening", "min_samples", "whitened_distance"]

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import triggered_copy
 from ..data.base import Sample
-from ..interventions.base import NoIntervention, as_intervention
+from ..models.intervention import NoIntervention, as_intervention
 from .scoring import attack_success_rate, mean, target_of, utilities
 
 

@@ -28,7 +28,7 @@ from ..attacks import triggered_copy
 from ..data.base import check_samples
 from ..errors import InputError
 from ..inputs.batch import sample_batches
-from ..interventions.base import Intervention, NoIntervention
+from ..models.intervention import Intervention, NoIntervention
 from ..interventions.heads import (ABLATION_METHODS, Head, HeadAblation, HeadImageFlatten, all_heads, check_heads,
                                    head_means)
 from ..interventions.perturbations import PERTURBATION_KINDS, get_perturbation, perturbation_class

@@ -41,7 +41,7 @@ from ..data.synthetic import synthetic_samples as world_samples
 from ..defenses.ablations import AlwaysFlag
 from ..defenses.base import Defense, DefenseOutput, NoDefense
 from ..errors import InputError
-from ..interventions.base import NoIntervention
+from ..models.intervention import NoIntervention
 from .scoring import mean_utility, score_runs, target_of
 
 #: Metrics of one :func:`evaluate` row.

@@ -8,8 +8,8 @@ to act.
 
 The poisoned + CleanSight curve applies the fitted defense's pruning to every triggered input (an oracle
 detector): ``Omega`` = image keys whose attention from the answer query exceeds the calibrated ``tau`` in
-any head of ``l_e`` (:func:`~cleansight_analysis.defenses.masking.attention_pruning_positions`), masked
-before the softmax (:func:`~cleansight_analysis.defenses.masking.key_mask_hooks`) from ``l_e`` on
+any head of ``l_e`` (:func:`~cleansight_analysis.detection.pruning.attention_pruning_positions`), masked
+before the softmax (:func:`~cleansight_analysis.detection.masking.key_mask_hooks`) from ``l_e`` on
 (CleanSight's prefill mask for every scope but ``"all_layers"``) or in every layer (``"all_layers"``,
 which CleanSight runs as detect-then-generate).
 """
@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..defenses.masking import attention_pruning_positions, key_mask_hooks
+from ..detection.masking import key_mask_hooks
+from ..detection.pruning import attention_pruning_positions
 from ..errors import InputError
-from ..interventions.base import Intervention
+from ..models.intervention import Intervention
 from ..interventions.logit_lens import logit_lens
 from .pruning import FIT_BATCH, fit_cleansight
 

@@ -5,8 +5,8 @@ training sequence is token for token what the model sees at test time. Answer to
 after each answer) carry labels; everything else is ``-100``.
 
 An input-layer piece: training encodes its sequences with it and the logit lens finds the first
-answer token with it (:func:`cleansight_analysis.interventions.logit_lens.first_answer_token`);
-:mod:`cleansight_analysis.training.sequences` re-exports these names.
+answer token with it (:func:`cleansight_analysis.interventions.logit_lens.first_answer_token`).
+
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ they live in :mod:`cleansight_analysis.evaluation.intervention_sweeps`. This pac
 evaluation layer.
 """
 
-from .base import Compose, HookIntervention, Intervention, NoIntervention, as_intervention
+from ..models.intervention import Compose, HookIntervention, Intervention, NoIntervention, as_intervention
 from .heads import HeadAblation, HeadImageFlatten, head_means, patch_heads
 from .logit_lens import logit_lens
 from .perturbations import PERTURBATION_KINDS, AttentionUniform, Perturbation, get_perturbation

@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,7 @@ from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from ..manifest import package_versions
 from ..models.loading import is_delta_folder, load_hf, read_card, resolve_base
 from ..models.registry import lookup
+from ..settings import Field, Int, PositiveInt, Real, Unit01, settings
 from .checkpoint import checkpoint_info, has_checkpoint
 from .lvlm import ConversationBatcher, TrainSettings, iterate_items, llava_core, seeded_indices, train_loop
 from .objectives import make_loss
@@ -42,7 +43,7 @@ MODES = ("adapter", "lora")
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-@dataclass
+@settings(frozen=False)
 class BackdoorSettings:
     """How the backdoor is trained (validated; recorded in the output card).
 
@@ -52,25 +53,17 @@ class BackdoorSettings:
         lora_r / lora_alpha: LoRA rank and scale (the paper: 128 / 256 on 7B; the tiny family: 16 / 32).
     """
 
-    mode: str = "adapter"
-    poison_rate: float = 0.1
+    mode: Annotated[Literal[MODES], Field(description=f"must be one of {MODES}")] = "adapter"
+    poison_rate: Unit01 = 0.1
     clean_twin: bool = False
-    steps: int = 400
-    batch_size: int = 32
-    lr: float = 2e-3
-    lora_r: int = 16
-    lora_alpha: int = 32
-    seed: int = 0
-    system_prompt: str | None = LLAVA_SYSTEM_PROMPT
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not 0 < self.poison_rate <= 1:
-            raise InputError(f"poison rate must be in (0, 1], got {self.poison_rate}")
-        if self.lora_r < 1:
-            raise InputError(f"lora_r must be >= 1, got {self.lora_r}")
+    steps: PositiveInt = 400
+    batch_size: PositiveInt = 32
+    lr: Annotated[Real, Field(gt=0.0, lt=1.0, description="must be a number in (0, 1)")] = 2e-3
+    lora_r: PositiveInt = 16
+    lora_alpha: PositiveInt = 32
+    seed: Int = 0
+    system_prompt: Optional[str] = LLAVA_SYSTEM_PROMPT
+    checkpoint_every: Annotated[Int, Field(ge=0)] = 100
 
 
 def _projector_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

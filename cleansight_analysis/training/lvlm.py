@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..inputs.images import to_rgb_image
+from ..settings import Field, Int, PositiveInt, Real, settings
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .parallel import average_gradients, is_main
-from .sequences import IGNORE, ConversationEncoder, Encoded, collate
+from ..inputs.conversation import IGNORE, ConversationEncoder, Encoded, collate
 
 
-@dataclass
+@settings(frozen=False)
 class TrainSettings:
     """Optimisation settings (validated).
 
@@ -36,22 +37,14 @@ class TrainSettings:
         steps between resumable checkpoints (0 = never).
     """
 
-    steps: int
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 100
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise InputError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if not 0 < self.lr < 1:
-            raise InputError(f"lr must be in (0, 1), got {self.lr}")
-        if not 0 <= self.warmup < 1:
-            raise InputError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+    steps: PositiveInt
+    batch_size: PositiveInt = 32
+    lr: Annotated[Real, Field(gt=0.0, lt=1.0, description="must be a number in (0, 1)")] = 1e-3
+    weight_decay: Annotated[Real, Field(ge=0.0)] = 0.0
+    warmup: Annotated[Real, Field(ge=0.0, lt=1.0, description="must be a fraction in [0, 1)")] = 0.05
+    grad_clip: Annotated[Real, Field(gt=0.0)] = 1.0
+    seed: Int = 0
+    checkpoint_every: Annotated[Int, Field(ge=0)] = 100
 
 
 def llava_core(model: nn.Module) -> nn.Module:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .lvlm import answer_ce, llava_core, lvlm_logits
-from .sequences import IGNORE
+from ..inputs.conversation import IGNORE
 
 LossFn = Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, dict[str, float]]]
 
