@@ -1,28 +1,10 @@
-"""What a notebook's tables say, written as Markdown from the tables themselves (no hand-typed numbers).
-
-Each function reads tidy tables (the ones the notebook just computed or loaded from its cache) and returns
-Markdown text; a notebook shows it with ``IPython.display.Markdown(...)``, so its "what we see" paragraph
-always matches its figures.
-"""
+"""Notebook 08 (Tables 1-4): CleanSight against pixel purifiers and input detectors."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None or not np.isfinite(float(value)) else f"{100 * float(value):.0f} %"
-
-
-def _span(values: Any, unit: str = " %") -> str:
-    """``"lo-hi %"`` of finite fractions in percent (one value: ``"v %"``); ``unit`` follows the numbers."""
-    vals = [float(v) for v in values if v is not None and np.isfinite(float(v))]
-    if not vals:
-        return "n/a"
-    lo, hi = round(100 * min(vals)), round(100 * max(vals))
-    return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
+from ._format import _pct, _span
 
 
 def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
@@ -52,7 +34,7 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
                  "AUROC): " + "; ".join(f"{a} {_pct(one.loc[a, 'tpr'])} / {_pct(one.loc[a, 'fpr'])} / "
                                         f"{float(one.loc[a, 'auroc']):.2f}" for a in attacks) + ".")
     best = min(attacks, key=lambda a: float(every.loc[a, "asr"]))
-    lines.append(f"* **CleanSight, mask in every layer**: ASR " + ", ".join(
+    lines.append("* **CleanSight, mask in every layer**: ASR " + ", ".join(
         f"{a} {_pct(every.loc[a, 'asr'])}" for a in attacks) + f"; lowest on {best} (clean utility "
         f"{_pct(every.loc[best, 'clean_utility'])}, undefended {_pct(none.loc[best, 'clean_utility'])}). "
         "An attack the threshold does not flag keeps its ASR whatever the scope.")
