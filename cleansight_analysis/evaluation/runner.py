@@ -20,6 +20,10 @@ Work several rows of one model can share lives in an explicit :class:`Evaluation
 runs (computed once per model and test set) and fitted defenses (a calibration fitted for one row is
 handed, as a fitted copy, to every later row with the same fit settings). Reuse changes no answer, flag or
 score; only the timing columns differ.
+
+Under ``accelerate launch`` (:mod:`~cleansight_analysis.evaluation.distributed`) every process makes the same
+calls; :func:`run_defense` runs this process's share of the batches and gathers every share, so each
+process holds the full runs and computes the same row.
 """
 
 from __future__ import annotations
