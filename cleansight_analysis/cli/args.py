@@ -255,7 +255,7 @@ def _model_and_attack(args: argparse.Namespace, *, need_attack: bool = False):
 
 def _process_device(device: str | None) -> str | None:
     """``--device``; under ``accelerate launch`` no device (or plain ``cuda``) means this process's own
-    (``cuda:<local rank>``, ``cpu`` with ``--cpu``), so N processes do not share one GPU."""
+    (``cuda:<local rank>``; ``cpu`` on a machine without a GPU), so N processes do not share one GPU."""
     if distributed.launched() and device in (None, "cuda"):
         return distributed.device()
     return device

@@ -68,8 +68,8 @@ def is_main() -> bool:
 
 
 def device() -> str | None:
-    """This process's device when launched (``cuda:<local rank>`` on GPUs, ``cpu`` with ``--cpu``), else None
-    (the loader's default)."""
+    """This process's device when launched (``cuda:<local rank>`` on GPUs; ``cpu`` without a GPU or with
+    ``ACCELERATE_USE_CPU``), else None (the loader's default)."""
     return str(_state().device) if launched() else None
 
 
