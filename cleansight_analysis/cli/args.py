@@ -15,6 +15,7 @@ from .. import load_lvlm
 from ..attacks import ATTACKS, attack_from_dict, get_attack
 from ..data.real import load_dataset_folder
 from ..data.synthetic import SyntheticWorld
+from ..evaluation import distributed
 from ..errors import AttackError, InputError, ModelSourceError, OutputExistsError
 from ..models.loading import read_card
 from ..models.registry import lookup, registered_models
@@ -249,7 +250,15 @@ def _model_and_attack(args: argparse.Namespace, *, need_attack: bool = False):
     attack = _attack_from_args(args, card, announce=True)
     if need_attack and attack is None:
         raise InputError(f"{args.model} has no attack in its card: pass --attack NAME")
-    return load_lvlm(args.model, device=args.device), attack
+    return load_lvlm(args.model, device=_process_device(args.device)), attack
+
+
+def _process_device(device: str | None) -> str | None:
+    """``--device``; under ``accelerate launch`` no device (or plain ``cuda``) means this process's own
+    (``cuda:<local rank>``; ``cpu`` on a machine without a GPU), so N processes do not share one GPU."""
+    if distributed.launched() and device in (None, "cuda"):
+        return distributed.device()
+    return device
 
 
 def _eval_samples(args: argparse.Namespace):

@@ -16,7 +16,7 @@ from ..defenses import get_defense
 from ..defenses.cleansight import CleanSight
 from ..defenses.registry import available_defenses
 from ..errors import InputError, ModelSourceError, OutputExistsError
-from ..evaluation import evaluate_backdoor
+from ..evaluation import distributed, evaluate_backdoor
 from ..evaluation.grid import attack_defense_table, wide_table
 from ..evaluation.intervention_sweeps import head_sweep, perturbation_sweep
 from ..evaluation.runner import evaluate, synthetic_samples
@@ -38,6 +38,7 @@ from .args import (
     _json_text,
     _model_and_attack,
     _prepare_out_file,
+    _process_device,
     _refuse_existing_tables,
     _training_samples,
 )
@@ -190,7 +191,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``cleansight evaluate``: one row of Tables 1-4 as JSON."""
+    """``cleansight evaluate``: one row of Tables 1-4 as JSON (under ``accelerate launch`` the test batches
+    are shared between the processes and only the main process prints / writes the row)."""
 
     model, attack = _model_and_attack(args, need_attack=True)
     fit = True
@@ -205,6 +207,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     row = evaluate(model, attack, defense, n_test=args.n, n_val=args.val, seed=args.seed, samples=samples,
                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, fit=fit)
     row.update(model_source=args.model, data=args.data, calibration=args.calibration)
+    if not distributed.is_main():
+        return 0
+    if distributed.launched():
+        row["processes"] = distributed.rank_and_world()[1]
     text = _json_text(row)
     if args.json:
         _prepare_out_file(args.json).write_text(text + "\n")
@@ -218,8 +224,11 @@ TABLE_DEFENSES = ("none", "cleansight", "blur", "st", "jpeg", "strip")
 
 
 def cmd_tables(args: argparse.Namespace) -> int:
-    """``cleansight tables``: attacks x defenses over the shipped tiny models, saved with manifests."""
+    """``cleansight tables``: attacks x defenses over the shipped tiny models, saved with manifests (under
+    ``accelerate launch`` every row's test batches are shared between the processes; the main process
+    writes)."""
     _refuse_existing_tables(args.out, list(TABLES_WRITTEN), args.overwrite)
+    distributed.barrier()  # every process checked --out before the main one writes there
     start = time.perf_counter()
     models = {}
     for name in args.models:
@@ -231,7 +240,9 @@ def cmd_tables(args: argparse.Namespace) -> int:
     defenses = list(args.defenses)
     settings = {"n_test": args.n, "n_val": args.val, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
                 "batch_size": args.batch_size}
-    tidy = attack_defense_table(models, defenses, layout="long", device=args.device, **settings)
+    tidy = attack_defense_table(models, defenses, layout="long", device=_process_device(args.device), **settings)
+    if not distributed.is_main():
+        return 0
 
     common = {"seed": args.seed, "settings": {**settings, "models": models, "defenses": defenses}, "fmt": args.format}
     written = [save_table(tidy, args.out, "attack_defense_long", **common)]
@@ -254,7 +265,11 @@ TABLES_WRITTEN = ("attack_defense_long", "table1_asr_cu", "attack_defense_all")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """``cleansight analyze {stealing,perturb,heads,logit-lens}``: tables + manifests under ``--out``."""
+    """``cleansight analyze {stealing,perturb,heads,logit-lens}``: tables + manifests under ``--out``.
+
+    The analyses are not split: under ``accelerate launch`` the main process runs them, the others exit."""
+    if not distributed.is_main():
+        return 0
     _refuse_existing_tables(args.out, ANALYSIS_TABLES[args.analysis], args.overwrite)
     start = time.perf_counter()
     model, attack = _model_and_attack(args, need_attack=True)

@@ -20,6 +20,10 @@ Work several rows of one model can share lives in an explicit :class:`Evaluation
 runs (computed once per model and test set) and fitted defenses (a calibration fitted for one row is
 handed, as a fitted copy, to every later row with the same fit settings). Reuse changes no answer, flag or
 score; only the timing columns differ.
+
+Under ``accelerate launch`` (:mod:`~cleansight_analysis.evaluation.distributed`) every process makes the same
+calls; :func:`run_defense` runs this process's share of the batches and gathers every share, so each
+process holds the full runs and computes the same row.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ..defenses.ablations import AlwaysFlag
 from ..defenses.base import Defense, DefenseOutput, NoDefense
 from ..errors import InputError
 from ..models.intervention import NoIntervention
+from . import distributed
 from .scoring import mean_utility, score_runs, target_of
 
 #: Metrics of one :func:`evaluate` row.
@@ -112,12 +117,43 @@ def _as_array(value: Any, b: int, what: str, name: str, dtype: Any) -> np.ndarra
 
 
 def run_defense(model: Any, defense: Defense, samples: Sequence[Sample], *, batch_size: int = 32,
-                max_new_tokens: int = 12, progress: bool = True, desc: str = "defense") -> ConditionRun:
+                max_new_tokens: int = 12, progress: bool = True, desc: str = "defense",
+                distribute: bool = True) -> ConditionRun:
     """``defense.prepare`` + ``defense.generate`` over ``samples`` in batches; per-sample outputs.
+
+    Under ``accelerate launch`` (:mod:`~cleansight_analysis.evaluation.distributed`) and with ``distribute``,
+    each process runs its share of the batches and the shares are gathered back in sample order: every
+    process returns the full run (``seconds``: the sum over processes, the same quantity as one process's
+    total). Every process must make the same call. ``distribute=False`` runs every batch here (warm-up).
 
     Raises:
         InputError: the defense returns the wrong number of answers, flags, scores or pruned entries.
     """
+    if distribute and distributed.launched():
+        starts = distributed.my_batches(len(samples), batch_size)
+        mine = [x for s in starts for x in samples[s:s + batch_size]]
+        local = (_run_batches(model, defense, mine, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              progress=progress and distributed.is_main(), desc=desc) if mine else None)
+        return _merge(distributed.gather(local))
+    return _run_batches(model, defense, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                        progress=progress, desc=desc)
+
+
+def _merge(parts: Sequence[ConditionRun | None]) -> ConditionRun:
+    """One run from the processes' shares, in process (= sample) order; a process without samples gives None."""
+    runs = [p for p in parts if p is not None]
+
+    def cat(key: str) -> np.ndarray | None:
+        arrs = [getattr(r, key) for r in runs]
+        return np.concatenate(arrs) if runs and all(a is not None for a in arrs) else None
+
+    return ConditionRun(texts=[t for r in runs for t in r.texts], flags=cat("flags"), scores=cat("scores"),
+                        pruned=cat("pruned"), seconds=float(sum(r.seconds for r in runs)))
+
+
+def _run_batches(model: Any, defense: Defense, samples: Sequence[Sample], *, batch_size: int,
+                 max_new_tokens: int, progress: bool, desc: str) -> ConditionRun:
+    """:func:`run_defense` in this process: every batch of ``samples``."""
     name = getattr(defense, "name", type(defense).__name__)
     texts: list[str] = []
     flags: list[np.ndarray] = []
@@ -234,8 +270,8 @@ def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_
     if undefended is None:  # stand-alone call: the undefended baseline is run here, next to the defense
         if warmup:
             warm = test[:min(2, len(test))]
-            run_defense(model, baseline, warm, progress=False, **run)
-            run_defense(model, defense, warm, progress=False, **run)
+            run_defense(model, baseline, warm, progress=False, distribute=False, **run)
+            run_defense(model, defense, warm, progress=False, distribute=False, **run)
         base = run_defense(model, baseline, test, progress=progress, desc="undefended (clean)", **run)
         clean = run_defense(model, defense, test, progress=progress, desc=f"{defense.name} (clean)", **run)
         trig = run_defense(model, defense, triggered, progress=progress, desc=f"{defense.name} (triggered)", **run)
@@ -248,7 +284,7 @@ def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_
     else:
         base = undefended.clean
         if warmup:
-            run_defense(model, defense, test[:min(2, len(test))], progress=False, **run)
+            run_defense(model, defense, test[:min(2, len(test))], progress=False, distribute=False, **run)
         clean = run_defense(model, defense, test, progress=progress, desc=f"{defense.name} (clean)", **run)
         trig = run_defense(model, defense, triggered, progress=progress, desc=f"{defense.name} (triggered)", **run)
     target = target_of(attack)
@@ -329,7 +365,7 @@ def undefended_runs(model: Any, attack: Any, samples: Sequence[Sample] | None = 
     run = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
     baseline = NoDefense()
     if warmup:
-        run_defense(model, baseline, test[:min(2, len(test))], progress=False, **run)
+        run_defense(model, baseline, test[:min(2, len(test))], progress=False, distribute=False, **run)
     out = UndefendedRuns(run_defense(model, baseline, test, progress=progress, desc="undefended (clean)", **run),
                          model_name=getattr(model, "name", None),
                          signature=UndefendedRuns.make_signature(test, attack, seed, batch_size, max_new_tokens))

@@ -1,0 +1,125 @@
+"""Benchmark: wall time of ``cleansight evaluate`` in one process vs several (``accelerate launch``); goal
+<= 0.6x with 2 processes.
+
+Both runs are the whole command as a user types it (start-up, model load, calibration, test runs, JSON):
+
+- one process: ``python -m cleansight_analysis.cli evaluate --model M --defense cleansight --n N --val V``;
+- N processes: ``accelerate launch --multi_gpu --num_processes P -m cleansight_analysis.cli evaluate ...``
+  (on a machine without a GPU the processes run on the CPU with gloo; ``--cpu --num_processes 2`` would
+  start one process: accelerate's simple launcher).
+
+The runs alternate (``--repeats`` times each) and the best wall time of each is kept. The machine's load
+(``os.getloadavg``) is recorded before and after, since other jobs share the cores. The two rows are
+checked to be equal outside the timing columns. Calibration (``fit``) is NOT split between the
+processes (every process fits identically), so its share of the one-process time bounds the speed-up;
+both are reported, and a second measurement with a small calibration set (``--val 200,32``) shows the
+split part alone. Run: ``python benchmarks/bench_distributed_eval.py [--n 256] [--processes 2]``; the
+result goes to ``benchmarks/results/distributed_eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"latency_ratio", "seconds_defended", "seconds_undefended", "fit_seconds", "processes"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], processes: int, out: Path) -> tuple[float, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    if processes == 1:
+        cmd = [sys.executable, "-m", "cleansight_analysis.cli", *args, "--json", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "cleansight_analysis.cli", *args, "--json", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return wall, json.loads(out.read_text())
+
+
+def measure(opts: argparse.Namespace, val: int) -> dict:
+    """Both launches of ``evaluate`` with ``val`` calibration samples; wall times, load and checks."""
+    args = ["evaluate", "--model", opts.model, "--defense", opts.defense, "--n", str(opts.n), "--val", str(val),
+            "--batch-size", str(opts.batch_size)]
+    load_before = os.getloadavg()
+    walls: dict[int, list[float]] = {1: [], opts.processes: []}
+    rows: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(opts.repeats):
+            for p in (1, opts.processes):
+                wall, rows[p] = _run(args, p, Path(tmp) / f"row{p}_{r}.json")
+                walls[p].append(round(wall, 2))
+                print(f"--val {val}, {p} process(es): {wall:.1f} s (load {os.getloadavg()[0]:.2f})", flush=True)
+    load_after = os.getloadavg()
+    one, many = rows[1], rows[opts.processes]
+    same = {k: v for k, v in one.items() if k not in TIMING} == {k: v for k, v in many.items() if k not in TIMING}
+    best1, bestp = min(walls[1]), min(walls[opts.processes])
+    return {
+        "command": "cleansight " + " ".join(args),
+        "wall_seconds": {"1": walls[1], str(opts.processes): walls[opts.processes]},
+        "best_wall_seconds": {"1": best1, str(opts.processes): bestp},
+        "ratio": round(bestp / best1, 3),
+        "fit_seconds": {"1": one["fit_seconds"], str(opts.processes): many["fit_seconds"]},
+        "fit_share_one_process": round(one["fit_seconds"] / best1, 3),
+        # prepare + generate time of the three test runs, summed over the processes: about equal when the
+        # processes each had a core of their own, larger when they shared cores (other jobs, or too few cores)
+        "run_seconds_summed_over_processes": {str(p): round(r["seconds_defended"] * 2 + r["seconds_undefended"], 2)
+                                              for p, r in ((1, one), (opts.processes, many))},
+        "rows_equal_outside_timing": same,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in load_after],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-llava/badnet")
+    parser.add_argument("--defense", default="cleansight")
+    parser.add_argument("--n", type=int, default=256, help="test samples (each also run with its trigger)")
+    parser.add_argument("--val", default="200,32",
+                        help="comma-separated calibration sizes, one measurement each (the first is the headline)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed_eval.json"))
+    opts = parser.parse_args()
+    runs = [measure(opts, int(v)) for v in opts.val.split(",")]
+    result = {
+        "processes": opts.processes,
+        "launcher": f"accelerate launch --multi_gpu --num_processes {opts.processes} (CPU, gloo)",
+        "goal_ratio": 0.6,
+        "ratio": runs[0]["ratio"],
+        "runs": runs,
+        "cpu_count": os.cpu_count(),
+        "torch_threads_per_process": 1,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    if not all(r["rows_equal_outside_timing"] for r in runs):
+        raise SystemExit("the rows differ outside the timing columns")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Several processes (``accelerate launch``, 2 CPU processes on gloo) give exactly the one-process numbers.
+
+``accelerate launch --multi_gpu --num_processes 2`` starts the processes with torchrun; on a machine without
+a GPU :mod:`cleansight_analysis.evaluation.distributed` makes accelerate's state on the CPU (gloo).
+(``accelerate launch --cpu --num_processes 2`` starts ONE process unless MPI is set up: accelerate's
+simple launcher.) The test set has an odd number of batches, so the processes get unequal shares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cleansight_analysis.evaluation import distributed
+from cleansight_analysis.evaluation import runner as R
+
+pytest.importorskip("accelerate")
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Columns that are wall times (or made from them) or say how the run was made: not compared.
+TIMING = {"latency_ratio", "seconds_defended", "seconds_undefended", "fit_seconds", "processes"}
+EVALUATE = ["evaluate", "--model", "tiny-llava/badnet", "--defense", "cleansight", "--n", "10", "--val", "16",
+            "--batch-size", "2", "--max-new-tokens", "6"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    if processes == 1:
+        cmd = [sys.executable, "-m", "cleansight_analysis.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), "-m", "cleansight_analysis.cli", *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def _numbers(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
+def test_two_processes_give_the_one_process_row(tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    _launch([*EVALUATE, "--json", str(one)], 1)
+    launched = _launch([*EVALUATE, "--json", str(two)], 2)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert "processes" not in a and b["processes"] == 2
+    assert _numbers(a) == _numbers(b)  # exactly: answers, flags, scores and pruned counts in sample order
+    assert a["n"] == 10 and a["tpr"] == a["tpr"]  # a detector row with real numbers
+    assert launched.stdout.count('"asr"') == 1  # only the main process prints the row
+
+
+def test_not_launched_runs_every_batch_in_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not distributed.launched()
+    assert distributed.rank_and_world() == (0, 1) and distributed.is_main() and distributed.device() is None
+    assert distributed.my_batches(7, 2) == [0, 2, 4, 6]
+    assert distributed.gather({"x": 1}) == [{"x": 1}]
+    distributed.barrier()
+
+
+def test_not_launched_imports_no_accelerate():
+    code = ("import sys, cleansight_analysis.cli, cleansight_analysis.evaluation.runner; "
+            "print('accelerate' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_merge_restores_order_and_missing_outputs():
+    a = R.ConditionRun(["a", "b"], flags=np.array([True, False]), scores=np.array([0.5, 0.1]),
+                       pruned=np.array([3, 0]), seconds=1.0)
+    b = R.ConditionRun(["c"], flags=np.array([True]), scores=None, pruned=np.array([2]), seconds=0.5)
+    merged = R._merge([a, None, b])  # a process without batches gives None
+    assert merged.texts == ["a", "b", "c"] and merged.seconds == 1.5
+    assert merged.flags.tolist() == [True, False, True] and merged.pruned.tolist() == [3, 0, 2]
+    assert merged.scores is None  # one share without scores: no scores, as in one process
