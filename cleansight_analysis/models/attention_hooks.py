@@ -105,7 +105,10 @@ def rows_from_qk(query: torch.Tensor, key: torch.Tensor, idx: torch.Tensor, allo
     bi = torch.arange(b, device=query.device)[:, None]
     q_sel = query[bi, :, idx.to(query.device)]                       # [B, n, H, d]
     q_sel = q_sel.permute(0, 2, 1, 3).reshape(b, h_kv, (h // h_kv) * n, d)
-    scores = torch.matmul(q_sel, key.transpose(-2, -1)).view(b, h, n, k_len) * scaling
+    # one product per sample: HF's key is [B, T, H_kv, d] in memory (a transposed view), which a batched
+    # matmul over [B, H_kv] would first copy whole; per sample it is a strided matrix BLAS reads in place
+    scores = torch.stack([torch.matmul(q_sel[i], key[i].transpose(-2, -1)) for i in range(b)])
+    scores = scores.view(b, h, n, k_len) * scaling
     scores = scores.masked_fill(~allowed[:, None].to(scores.device), torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
