@@ -4,7 +4,9 @@ Model: the LLaVA-1.5-shaped benchmark model of ``bench_model.py`` (random weight
 of about 620 tokens). Inputs: the first ``batch`` clean test scenes of the synthetic world. Every (mode,
 batch size) runs in a fresh subprocess, one after the other, one torch thread: the batch is prepared once,
 one untimed warm-up call, then ``--repeats`` timed calls of greedy generation (``--max-new-tokens``, no
-stop at EOS, so every mode decodes the same number of steps); best and median kept.
+stop at EOS, so every mode decodes the same number of steps); best and median kept, as process CPU time
+(one thread: the work done, robust to other jobs on the shared machine; the ratios and goals use it) and as
+wall-clock time.
 
 CleanSight is calibrated once (not timed) in the parent process on ``--val`` clean calibration scenes
 (detection layers ``--layers``, ``tau="auto"``, every other setting default) and loaded by the workers.
@@ -22,7 +24,7 @@ Modes (``hf_sdpa`` is the reference every ratio is taken against):
                          that stops at ``l_e``, then one generation masking Omega in every layer (two passes)
     *_eager              the same on ``attention="eager"`` (the bridge's eager attention in every layer)
 
-Goals (issue 14): ``cleansight`` <= 1.05x and ``mask_all_layers`` <= 1.15x the time of ``hf_sdpa``.
+Goals (issue 14): ``cleansight`` <= 1.05x and ``mask_all_layers`` <= 1.15x the (best CPU) time of ``hf_sdpa``.
 
 Run: ``python benchmarks/bench_defense_latency.py``; results go to ``benchmarks/results/defense_latency.json``.
 """
@@ -103,20 +105,24 @@ def run_one(mode: str, batch_size: int, repeats: int, max_new_tokens: int, calib
 
     with torch.no_grad():
         out = call()  # warm-up
-        times = []
+        times, cpus = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             call()
             times.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
     times.sort()
+    cpus.sort()
     info: dict = {}
     if hasattr(out, "flags"):
         info = {"flagged": int(out.flags.sum()), "pruned_mean": float(sum(int(p.numel()) for p in out.pruned) /
                                                                      len(out.pruned))}
     steps = _steps(out, batch.seq_len)
     return {"mode": mode, "batch": batch_size, "tokens": batch.seq_len, "new_tokens": steps,
+            "best_cpu_s": round(cpus[0], 4), "median_cpu_s": round(cpus[len(cpus) // 2], 4),
             "best_s": round(times[0], 4), "median_s": round(times[len(times) // 2], 4),
-            "all_s": [round(t, 4) for t in times], "threads": torch.get_num_threads(), **info}
+            "all_cpu_s": [round(t, 4) for t in cpus], "all_s": [round(t, 4) for t in times],
+            "threads": torch.get_num_threads(), **info}
 
 
 def _steps(out, prompt_len: int) -> int:
@@ -183,7 +189,8 @@ def main() -> int:
                     raise RuntimeError(f"worker {mode} batch {b} failed:\n{proc.stderr[-3000:]}")
                 rec = json.loads(proc.stdout.strip().splitlines()[-1])
                 results.append(rec)
-                print(f"batch {b}  {mode:<22} best {rec['best_s']:.3f} s  median {rec['median_s']:.3f} s  "
+                print(f"batch {b}  {mode:<22} CPU best {rec['best_cpu_s']:.3f} s  wall best {rec['best_s']:.3f} s  "
+                      f"median {rec['median_s']:.3f} s  "
                       f"({rec['new_tokens']} new tokens, {rec['tokens']} prompt tokens)", flush=True)
     summary = []
     for b in args.batch:
@@ -194,15 +201,18 @@ def main() -> int:
         for mode, rec in by.items():
             if mode == REFERENCE:
                 continue
-            row = {"batch": b, "mode": mode, "time_ratio_best": round(rec["best_s"] / ref["best_s"], 3),
+            row = {"batch": b, "mode": mode, "cpu_ratio_best": round(rec["best_cpu_s"] / ref["best_cpu_s"], 3),
+                   "cpu_ratio_median": round(rec["median_cpu_s"] / ref["median_cpu_s"], 3),
+                   "time_ratio_best": round(rec["best_s"] / ref["best_s"], 3),
                    "time_ratio_median": round(rec["median_s"] / ref["median_s"], 3),
                    "same_steps": rec["new_tokens"] == ref["new_tokens"]}
             if mode in GOALS:
                 row["goal"] = GOALS[mode]
-                row["goal_met"] = row["time_ratio_best"] <= GOALS[mode]
+                row["goal_met"] = row["cpu_ratio_best"] <= GOALS[mode]
             summary.append(row)
-            print(f"batch {b}: {mode:<22} / hf_sdpa = {row['time_ratio_best']:.3f}x best, "
-                  f"{row['time_ratio_median']:.3f}x median" + (f" (goal <= {GOALS[mode]})" if mode in GOALS else ""))
+            print(f"batch {b}: {mode:<22} / hf_sdpa CPU time = {row['cpu_ratio_best']:.3f}x best "
+                  f"({row['cpu_ratio_median']:.3f}x median; wall {row['time_ratio_best']:.3f}x best)"
+                  + (f" (goal <= {GOALS[mode]})" if mode in GOALS else ""))
     settings = {k: v for k, v in vars(args).items() if k != "worker"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import cleansight_analysis as cs
 from cleansight_analysis.defenses.cleansight import MASK_SCOPES, CleanSight, CleanSightConfig
 from cleansight_analysis.detection import key_mask_hooks, positions_mask
 from cleansight_analysis.errors import InputError
+from cleansight_analysis.interventions.perturbations import AttentionUniform
 from cleansight_analysis.models import tiny
 from cleansight_analysis.models.hooknames import hook_attn, hook_pattern, hook_z
 from cleansight_analysis.models.rows import RowRecorder
@@ -279,6 +280,9 @@ def test_eager_runs_only_where_a_hook_needs_the_pattern(llava):
         llava.forward(batch, hooks=[(lambda n: n.endswith("hook_pattern"), lambda p, hook: fired.append(hook.name))])
     assert calls == {l: 1 for l in range(llava.n_layers)}
     assert any(not n.startswith("blocks.") for n in fired)  # the vision tower's patterns fired too (eager there)
+    with _eager_calls(llava) as calls:  # a pattern perturbation: eager in the edited layers only
+        llava.forward(batch, hooks=AttentionUniform(1.0, layers=[1, 3]).hooks(llava, batch))
+    assert calls == {0: 0, 1: 1, 2: 0, 3: 1}
     with _eager(llava), _eager_calls(llava) as calls:
         llava.forward(batch)
     assert calls == {l: 1 for l in range(llava.n_layers)}

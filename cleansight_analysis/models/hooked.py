@@ -339,12 +339,15 @@ class HookedLVLM:
                 every sample, or ``[B, Q]`` per sample (positions index the padded sequence).
             hooks: extra forward hooks active during the pass (e.g. edits whose effect to measure).
             dtype: storage dtype of the rows (float16 halves memory for long sequences).
-            early_exit: stop the forward pass once the deepest requested layer's pattern is recorded
+            early_exit: stop the forward pass once the deepest requested layer's rows are recorded
                 (nothing after it can change the rows); ``False`` runs the whole model.
 
         Returns:
             :class:`AttentionRows` with ``values`` ``[B, L, H, K]`` for ``"last"`` or an int, else
-            ``[B, Q, L, H, K]``. Only these rows are kept; no ``[L, H, T, T]`` cache is built.
+            ``[B, Q, L, H, K]``. Only these rows are kept; no ``[L, H, T, T]`` cache is built. Under
+            ``attention="sdpa"`` the rows are computed from each layer's q and k inside SDPA attention (no
+            pattern exists); a layer whose pattern or scores one of ``hooks`` edits runs eager and its rows
+            are sliced from the (edited) pattern.
         """
         self._check_batch(batch)
         layer_list = self.check_layers(layers)
