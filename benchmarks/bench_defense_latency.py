@@ -23,6 +23,8 @@ Modes (``hf_sdpa`` is the reference every ratio is taken against):
     cleansight_all_layers  CleanSight with ``mask_scope="all_layers"``, every sample flagged: a detection pass
                          that stops at ``l_e``, then one generation masking Omega in every layer (two passes)
     *_eager              the same on ``attention="eager"`` (the bridge's eager attention in every layer)
+    authors_style        the reference code's approach: one sample at a time, eager attention, the rows of every
+                         layer for every decoding query recorded (``generate(..., record_rows=True)``)
 
 Goals (issue 14): ``cleansight`` <= 1.05x and ``mask_all_layers`` <= 1.15x the (best CPU) time of ``hf_sdpa``.
 
@@ -47,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench_model import build_model, machine  # noqa: E402 - the benchmarks folder is on sys.path
 
 MODES = ("hf_sdpa", "undefended", "cleansight", "cleansight_flagged", "mask_all_layers", "cleansight_all_layers",
-         "undefended_eager", "cleansight_eager", "mask_all_layers_eager")
+         "undefended_eager", "cleansight_eager", "mask_all_layers_eager", "authors_style")
 REFERENCE = "hf_sdpa"
 GOALS = {"cleansight": 1.05, "mask_all_layers": 1.15}
 
@@ -84,9 +86,16 @@ def run_one(mode: str, batch_size: int, repeats: int, max_new_tokens: int, calib
         inputs = batch.model_inputs()
         call = lambda: hf.generate(**inputs, generation_config=config, use_cache=True)  # noqa: E731
     else:
-        model = cs.load_lvlm(hf, processor=proc, attention="eager" if mode.endswith("_eager") else "sdpa")
+        eager = mode.endswith("_eager") or mode == "authors_style"
+        model = cs.load_lvlm(hf, processor=proc, attention="eager" if eager else "sdpa")
         batch = model.prepare(images, prompts)
-        if base == "undefended":
+        if base == "authors_style":
+            singles = [model.prepare([im], [p]) for im, p in zip(images, prompts)]
+
+            def call():
+                return [model.generate(one, max_new_tokens=max_new_tokens, record_rows=True, stop_at_eos=False)
+                        for one in singles][-1]
+        elif base == "undefended":
             call = lambda: model.generate(batch, max_new_tokens=max_new_tokens, stop_at_eos=False)  # noqa: E731
         elif base == "mask_all_layers":
             mask = positions_mask([g.image[::4] for g in batch.groups], batch.seq_len)
@@ -129,8 +138,9 @@ def _steps(out, prompt_len: int) -> int:
     """Decoding steps the call ran (the longest answer)."""
     if hasattr(out, "info"):
         return int(out.info["tokens"].shape[1])
-    seq = getattr(out, "sequences", out)
-    return int(seq.shape[1] - prompt_len)
+    if hasattr(out, "tokens"):
+        return int(out.tokens.shape[1])
+    return int(out.shape[1] - prompt_len)
 
 
 def calibrate(path: Path, val: int, layers: list[int], batch_size: int) -> dict:
