@@ -1,12 +1,12 @@
 """Benchmark: generation latency of the undefended, CleanSight and masked model against the untouched HF model.
 
-Model: the LLaVA-1.5-shaped benchmark model of ``bench_model.py`` (random weights, 170 M parameters, prompts
-of about 620 tokens). Inputs: the first ``batch`` clean test scenes of the synthetic world. Every (mode,
-batch size) runs in a fresh subprocess, one after the other, one torch thread: the batch is prepared once,
-one untimed warm-up call, then ``--repeats`` timed calls of greedy generation (``--max-new-tokens``, no
-stop at EOS, so every mode decodes the same number of steps); best and median kept, as process CPU time
-(one thread: the work done, robust to other jobs on the shared machine; the ratios and goals use it) and as
-wall-clock time.
+Model: the LLaVA-1.5-shaped benchmark model of ``bench_common.py`` (random weights, 170 M parameters, prompts
+of about 620 tokens). Inputs: the first ``batch`` clean test scenes of the synthetic world. Every mode runs
+in its own process (one torch thread) with the batch prepared once; its calls of greedy generation
+(``--max-new-tokens``, no stop at EOS, so every mode decodes the same number of steps) alternate with
+those of the reference process ``hf_sdpa``, which stays alive for the whole batch size (paired timing,
+``bench_common.py``). The first call of each mode is a warm-up; ratios use process CPU time (the machine
+is shared); wall-clock time is recorded too.
 
 CleanSight is calibrated once (not timed) in the parent process on ``--val`` clean calibration scenes
 (detection layers ``--layers``, ``tau="auto"``, every other setting default) and loaded by the workers.
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_model import build_model, machine  # noqa: E402 - the benchmarks folder is on sys.path
+from bench_common import Worker, build_model, machine, paired, ratios, serve, stats  # noqa: E402 - benchmarks/ is on sys.path
 
 MODES = ("hf_sdpa", "undefended", "cleansight", "cleansight_flagged", "mask_all_layers", "cleansight_all_layers",
          "undefended_eager", "cleansight_eager", "mask_all_layers_eager", "authors_style")
@@ -61,8 +60,8 @@ def _samples(n: int):
     return [image_of(s) for s in chosen], [s.prompt for s in chosen]
 
 
-def run_one(mode: str, batch_size: int, repeats: int, max_new_tokens: int, calibration: str | None) -> dict:
-    import torch
+def setup(mode: str, batch_size: int, max_new_tokens: int, calibration: str | None):
+    """``(call, prompt tokens)`` of one mode: the function one timed request runs."""
     from transformers import GenerationConfig
 
     import cleansight_analysis as cs
@@ -72,7 +71,7 @@ def run_one(mode: str, batch_size: int, repeats: int, max_new_tokens: int, calib
     hf, proc = build_model()
     images, prompts = _samples(batch_size)
     base = mode.removesuffix("_eager")
-    if mode == REFERENCE:
+    if mode == REFERENCE:  # the untouched model: no bridge in this process
         hf.set_attn_implementation("sdpa")
         from cleansight_analysis.inputs.batch import prepare_batch
         from cleansight_analysis.inputs.templates import LLAVA_SYSTEM_PROMPT
@@ -84,54 +83,47 @@ def run_one(mode: str, batch_size: int, repeats: int, max_new_tokens: int, calib
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
                                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
         inputs = batch.model_inputs()
-        call = lambda: hf.generate(**inputs, generation_config=config, use_cache=True)  # noqa: E731
-    else:
-        eager = mode.endswith("_eager") or mode == "authors_style"
-        model = cs.load_lvlm(hf, processor=proc, attention="eager" if eager else "sdpa")
-        batch = model.prepare(images, prompts)
-        if base == "authors_style":
-            singles = [model.prepare([im], [p]) for im, p in zip(images, prompts)]
+        return (lambda: hf.generate(**inputs, generation_config=config, use_cache=True)), batch.seq_len
+    eager = mode.endswith("_eager") or mode == "authors_style"
+    model = cs.load_lvlm(hf, processor=proc, attention="eager" if eager else "sdpa")
+    batch = model.prepare(images, prompts)
+    if base == "authors_style":
+        singles = [model.prepare([im], [p]) for im, p in zip(images, prompts)]
+        return (lambda: [model.generate(one, max_new_tokens=max_new_tokens, record_rows=True, stop_at_eos=False)
+                         for one in singles][-1]), batch.seq_len
+    if base == "undefended":
+        return (lambda: model.generate(batch, max_new_tokens=max_new_tokens, stop_at_eos=False)), batch.seq_len
+    if base == "mask_all_layers":
+        hooks = key_mask_hooks(model, positions_mask([g.image[::4] for g in batch.groups], batch.seq_len), from_layer=0)
+        return (lambda: model.generate(batch, max_new_tokens=max_new_tokens, hooks=hooks,
+                                       stop_at_eos=False)), batch.seq_len
+    defense = CleanSight.load(calibration, model=model)
+    if base in ("cleansight_flagged", "cleansight_all_layers"):
+        defense.calibration.gamma = float("-inf")
+    if base == "cleansight_all_layers":
+        defense.config = replace(defense.config, mask_scope="all_layers")
+    # CleanSight's generate stops a sample at EOS like every defense; the step count is recorded and compared
+    return (lambda: defense.generate(model, batch, max_new_tokens=max_new_tokens)), batch.seq_len
 
-            def call():
-                return [model.generate(one, max_new_tokens=max_new_tokens, record_rows=True, stop_at_eos=False)
-                        for one in singles][-1]
-        elif base == "undefended":
-            call = lambda: model.generate(batch, max_new_tokens=max_new_tokens, stop_at_eos=False)  # noqa: E731
-        elif base == "mask_all_layers":
-            mask = positions_mask([g.image[::4] for g in batch.groups], batch.seq_len)
-            hooks = key_mask_hooks(model, mask, from_layer=0)
-            call = lambda: model.generate(batch, max_new_tokens=max_new_tokens, hooks=hooks,  # noqa: E731
-                                          stop_at_eos=False)
-        else:
-            defense = CleanSight.load(calibration, model=model)
-            if base in ("cleansight_flagged", "cleansight_all_layers"):
-                defense.calibration.gamma = float("-inf")
-            if base == "cleansight_all_layers":
-                defense.config = replace(defense.config, mask_scope="all_layers")
-            # CleanSight's generate stops a sample at EOS like every defense; the random model never emits it
-            # in these few steps (checked: the step count is recorded and compared below)
-            call = lambda: defense.generate(model, batch, max_new_tokens=max_new_tokens)  # noqa: E731
 
-    with torch.no_grad():
-        out = call()  # warm-up
-        times, cpus = [], []
-        for _ in range(repeats):
-            start, cpu = time.perf_counter(), time.process_time()
-            call()
-            times.append(time.perf_counter() - start)
-            cpus.append(time.process_time() - cpu)
-    times.sort()
-    cpus.sort()
-    info: dict = {}
-    if hasattr(out, "flags"):
-        info = {"flagged": int(out.flags.sum()), "pruned_mean": float(sum(int(p.numel()) for p in out.pruned) /
-                                                                     len(out.pruned))}
-    steps = _steps(out, batch.seq_len)
-    return {"mode": mode, "batch": batch_size, "tokens": batch.seq_len, "new_tokens": steps,
-            "best_cpu_s": round(cpus[0], 4), "median_cpu_s": round(cpus[len(cpus) // 2], 4),
-            "best_s": round(times[0], 4), "median_s": round(times[len(times) // 2], 4),
-            "all_cpu_s": [round(t, 4) for t in cpus], "all_s": [round(t, 4) for t in times],
-            "threads": torch.get_num_threads(), **info}
+def serve_mode(mode: str, batch_size: int, max_new_tokens: int, calibration: str | None) -> None:
+    import torch
+
+    call, tokens = setup(mode, batch_size, max_new_tokens, calibration)
+
+    def measure() -> dict:
+        start, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = call()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        info: dict = {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "tokens": tokens,
+                      "new_tokens": _steps(out, tokens), "threads": torch.get_num_threads()}
+        if hasattr(out, "flags"):
+            info["flagged"] = int(out.flags.sum())
+            info["pruned_mean"] = round(sum(int(p.numel()) for p in out.pruned) / len(out.pruned), 1)
+        return info
+
+    serve(measure)
 
 
 def _steps(out, prompt_len: int) -> int:
@@ -159,27 +151,43 @@ def calibrate(path: Path, val: int, layers: list[int], batch_size: int) -> dict:
     return {"fit_s": round(seconds, 2), **{k: v for k, v in defense.to_dict().items() if k != "name"}}
 
 
-def _repeats(args: argparse.Namespace, batch: int) -> int:
-    """Timed calls for ``batch``: ``--repeats`` holds one value or one per ``--batch`` entry."""
-    reps = args.repeats
+def _rounds(args: argparse.Namespace, batch: int) -> int:
+    """Paired rounds for ``batch``: ``--rounds`` holds one value or one per ``--batch`` entry."""
+    reps = args.rounds
     return reps[0] if len(reps) == 1 else reps[args.batch.index(batch)]
+
+
+def record(mode: str, batch: int, first: dict, mine: list[dict], theirs: list[dict]) -> dict:
+    cpu, wall = stats(mine, "cpu_s"), stats(mine, "wall_s")
+    rec = {"mode": mode, "batch": batch, "tokens": first["tokens"], "new_tokens": first["new_tokens"],
+           "calls": len(mine), "best_cpu_s": cpu[0], "median_cpu_s": cpu[1], "best_s": wall[0], "median_s": wall[1],
+           "ref_best_cpu_s": stats(theirs, "cpu_s")[0], "ref_best_s": stats(theirs, "wall_s")[0],
+           "cpu_ratio": ratios(mine, theirs, "cpu_s"), "wall_ratio": ratios(mine, theirs, "wall_s"),
+           "same_steps": first["new_tokens"] == theirs[0]["new_tokens"], "threads": first["threads"]}
+    for key in ("flagged", "pruned_mean"):
+        if key in first:
+            rec[key] = first[key]
+    if mode in GOALS:
+        rec["goal"] = GOALS[mode]
+        rec["goal_met"] = rec["cpu_ratio"]["best"] <= GOALS[mode]
+    return rec
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8])
-    parser.add_argument("--repeats", type=int, nargs="*", default=[5, 3],
-                        help="timed calls per mode: one value, or one per --batch entry")
+    parser.add_argument("--rounds", type=int, nargs="*", default=[5, 3],
+                        help="paired reference / mode calls per mode: one value, or one per --batch entry")
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--val", type=int, default=16, help="clean calibration scenes for CleanSight")
     parser.add_argument("--layers", type=int, nargs="*", default=[5, 6, 7], help="CleanSight detection layers")
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "defense_latency.json"))
-    parser.add_argument("--worker", nargs=3, metavar=("MODE", "BATCH", "CALIBRATION"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=3, metavar=("MODE", "BATCH", "CALIBRATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        mode, batch, cal = args.worker
-        print(json.dumps(run_one(mode, int(batch), args.repeats[0], args.max_new_tokens, cal)))
+    if args.serve:
+        mode, batch, cal = args.serve
+        serve_mode(mode, int(batch), args.max_new_tokens, cal)
         return 0
     from cleansight_analysis.manifest import build_manifest
 
@@ -191,45 +199,33 @@ def main() -> int:
         print(f"CleanSight fitted in {fitted['fit_s']:.1f} s (layers {args.layers}, {args.val} clean scenes)",
               flush=True)
         for b in args.batch:
-            for mode in args.modes:
-                cmd = [sys.executable, __file__, "--worker", mode, str(b), str(cal), "--repeats", str(_repeats(args, b)),
-                       "--max-new-tokens", str(args.max_new_tokens)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"worker {mode} batch {b} failed:\n{proc.stderr[-3000:]}")
-                rec = json.loads(proc.stdout.strip().splitlines()[-1])
+            common = [str(b), str(cal), "--max-new-tokens", str(args.max_new_tokens)]
+            ref = Worker(__file__, [REFERENCE, *common])
+            ref_first = ref.call()
+            ref_calls: list[dict] = []
+            for mode in [m for m in args.modes if m != REFERENCE]:
+                worker = Worker(__file__, [mode, *common])
+                first, mine, theirs = paired(ref, worker, _rounds(args, b))
+                worker.close()
+                ref_calls += theirs
+                rec = record(mode, b, first, mine, theirs)
                 results.append(rec)
-                print(f"batch {b}  {mode:<22} CPU best {rec['best_cpu_s']:.3f} s  wall best {rec['best_s']:.3f} s  "
-                      f"median {rec['median_s']:.3f} s  "
-                      f"({rec['new_tokens']} new tokens, {rec['tokens']} prompt tokens)", flush=True)
-    summary = []
-    for b in args.batch:
-        by = {r["mode"]: r for r in results if r["batch"] == b}
-        ref = by.get(REFERENCE)
-        if ref is None:
-            continue
-        for mode, rec in by.items():
-            if mode == REFERENCE:
-                continue
-            row = {"batch": b, "mode": mode, "cpu_ratio_best": round(rec["best_cpu_s"] / ref["best_cpu_s"], 3),
-                   "cpu_ratio_median": round(rec["median_cpu_s"] / ref["median_cpu_s"], 3),
-                   "time_ratio_best": round(rec["best_s"] / ref["best_s"], 3),
-                   "time_ratio_median": round(rec["median_s"] / ref["median_s"], 3),
-                   "same_steps": rec["new_tokens"] == ref["new_tokens"]}
-            if mode in GOALS:
-                row["goal"] = GOALS[mode]
-                row["goal_met"] = row["cpu_ratio_best"] <= GOALS[mode]
-            summary.append(row)
-            print(f"batch {b}: {mode:<22} / hf_sdpa CPU time = {row['cpu_ratio_best']:.3f}x best "
-                  f"({row['cpu_ratio_median']:.3f}x median; wall {row['time_ratio_best']:.3f}x best)"
-                  + (f" (goal <= {GOALS[mode]})" if mode in GOALS else ""))
-    settings = {k: v for k, v in vars(args).items() if k != "worker"}
+                goal = f" (goal <= {GOALS[mode]})" if mode in GOALS else ""
+                print(f"batch {b}  {mode:<22} CPU {rec['best_cpu_s']:.3f} s (hf_sdpa {rec['ref_best_cpu_s']:.3f} s): "
+                      f"{rec['cpu_ratio']['best']:.3f}x best, {rec['cpu_ratio']['paired_median']:.3f}x paired median"
+                      f"{goal}; wall {rec['wall_ratio']['best']:.3f}x ({rec['new_tokens']} new tokens, "
+                      f"{rec['tokens']} prompt tokens)", flush=True)
+            ref.close()
+            if ref_calls:
+                results.append(record(REFERENCE, b, ref_first, ref_calls, ref_calls))
+    settings = {k: v for k, v in vars(args).items() if k != "serve"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"manifest": build_manifest(settings=settings),
                                "machine": {"before": before, "after": machine(),
-                                           "note": "shared 2-core machine: other jobs ran alongside"},
-                               "cleansight": fitted, "goals": GOALS, "results": results, "summary": summary},
+                                           "note": "shared 2-core machine: other jobs ran alongside; ratios use "
+                                                   "process CPU time of paired calls"},
+                               "cleansight": fitted, "goals": GOALS, "results": results},
                               indent=2, default=str) + "\n")
     print("wrote", out)
     return 0
