@@ -1,22 +1,27 @@
-"""Benchmark: cost of ``attention_rows`` (all layers) against a plain forward pass.
+"""Benchmark: ``attention_rows`` (all layers) and the bridged forward against the untouched HF model with SDPA.
 
-Model: a randomly initialised LLaVA-1.5-shaped model: CLIP-style tower at 336 px with 14 px patches
-(576 image tokens), Llama LM with d_model 1024, 8 layers, 16 heads, vocabulary 32064. The prompt is
-LLaVA-1.5's template (system prompt, ``USER: <image>\\n... ASSISTANT:``), about 620 tokens.
+Model: the LLaVA-1.5-shaped benchmark model of ``bench_common.py`` (random weights, 170 M parameters, 576
+image tokens; prompts of about 620 tokens in LLaVA-1.5's template).
 
-Every (mode, batch size) runs in a fresh subprocess. Memory: ``extra`` = peak RSS during a call minus
-RSS just before it (Linux ``VmHWM`` reset through ``/proc/self/clear_refs`` before each call), for the
-first call (fresh heap) and as the median over the timed calls (steady state, the allocator warm).
-``stored_kib`` is what the call returns and keeps (the rows). Time is the best and the median of
-``--repeats`` calls after the first.
+Every mode runs in its own process (one torch thread); its calls alternate with those of the reference
+process ``hf_sdpa``, which stays alive for the whole batch size (paired timing, ``bench_common.py``). Per
+call: process CPU time (the ratios and goals use it: the machine is shared), wall-clock time, and memory:
+peak RSS during the call (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before each call) as
+``peak_rss_mib`` (weights included) and ``extra_peak_mib`` = peak minus RSS just before the call, for the
+first call (fresh heap) and as the median over the timed calls (steady state). ``stored_kib``: what the
+call returns and keeps (the rows).
 
-Modes:
-    forward         bridged model, ``logits_to_keep=1`` (what attention_rows also computes)
-    forward_full    bridged model, full logits (the default HF call)
-    hf_sdpa         the untouched HF model with its default SDPA attention, ``logits_to_keep=1``
-    rows            ``HookedLVLM.attention_rows(batch)`` for every layer, query = last prompt token
-                    (stops after the last layer's attention pattern: no MLP, norm or unembedding after it)
-    rows_full_pass  the same with ``early_exit=False``: the whole forward runs, hooks included
+Modes (``hf_sdpa`` is the reference every ratio is taken against):
+    hf_sdpa         the untouched HF model with HF's SDPA attention, ``logits_to_keep=1`` (no bridge loaded)
+    forward         bridged model, ``attention="sdpa"`` (default), ``logits_to_keep=1``
+    rows            ``HookedLVLM.attention_rows(batch)`` for every layer, query = last prompt token, SDPA
+                    (rows from q and k; stops after the last layer's rows: no MLP, norm or unembedding)
+    rows_full_pass  the same with ``early_exit=False``: the whole forward runs
+    forward_eager   bridged model, ``attention="eager"`` (the bridge's eager attention in every layer)
+    rows_eager      ``attention_rows`` with ``attention="eager"`` (rows sliced from the eager pattern)
+
+Goals (issue 14): ``rows`` <= 1.05x the CPU time of ``hf_sdpa``; its extra memory (its ``extra_peak_mib``
+minus ``hf_sdpa``'s) <= 5 % of ``hf_sdpa``'s peak RSS.
 
 Run: ``python benchmarks/bench_attention_rows.py`` (or ``make bench``); results go to
 ``benchmarks/results/attention_rows.json``.
@@ -25,11 +30,9 @@ Run: ``python benchmarks/bench_attention_rows.py`` (or ``make bench``); results 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +40,10 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MODES = ("forward", "forward_full", "hf_sdpa", "rows", "rows_full_pass")
+from bench_common import Worker, build_model, machine, paired, ratios, serve, stats  # noqa: E402 - benchmarks/ is on sys.path
+
+MODES = ("hf_sdpa", "forward", "rows", "rows_full_pass", "forward_eager", "rows_eager")
+REFERENCE = "hf_sdpa"
 
 
 def _rss_kib(field: str = "VmRSS") -> int:
@@ -57,105 +63,129 @@ def _reset_peak() -> bool:
 
 def build(batch_size: int):
     import numpy as np
-    import torch
     from PIL import Image
 
-    import cleansight_analysis as cs
-    from cleansight_analysis.models import tiny
-
-    torch.set_num_threads(1)
-    cfg = tiny.tiny_llava_config(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, hidden=1024,
-                                 layers=8, heads=16, vocab_size=32064, initializer_range=0.02)
-    cfg.text_config.intermediate_size = 2816
-    hf, proc = tiny.build_tiny_random(cfg, seed=0)
+    hf, proc = build_model()
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (336, 336, 3), dtype=np.uint8)) for _ in range(batch_size)]
     prompts = ["describe this image in a short sentence ."] * batch_size
-    return hf, proc, images, prompts, cs, torch
+    return hf, proc, images, prompts
 
 
-def run_one(mode: str, batch_size: int, repeats: int) -> dict:
-    hf, proc, images, prompts, cs, torch = build(batch_size)
-    params = sum(p.numel() for p in hf.parameters())
-    if mode == "hf_sdpa":
-        ref = copy.deepcopy(hf)
-        ref.set_attn_implementation("sdpa")
-    model = cs.load_lvlm(hf, processor=proc)
+def setup(mode: str, batch_size: int):
+    """``(call, tokens)`` of one mode: the function one timed request runs."""
+    import cleansight_analysis as cs
+
+    hf, proc, images, prompts = build(batch_size)
+    if mode == REFERENCE:  # the untouched model: no bridge in this process
+        hf.set_attn_implementation("sdpa")
+        from cleansight_analysis.inputs.batch import prepare_batch
+        from cleansight_analysis.inputs.templates import LLAVA_SYSTEM_PROMPT
+        from cleansight_analysis.models.families import family_for
+
+        batch = prepare_batch(proc, family_for("LlavaForConditionalGeneration"), hf.config, images, prompts,
+                              chat_template=True, system_prompt=LLAVA_SYSTEM_PROMPT, padding_side="left")
+        inputs = batch.model_inputs()
+        return (lambda: hf(**inputs, use_cache=False, logits_to_keep=1)), batch.seq_len
+    model = cs.load_lvlm(hf, processor=proc, attention="eager" if mode.endswith("_eager") else "sdpa")
     batch = model.prepare(images, prompts)
     inputs = batch.model_inputs()
-    if mode == "forward":
-        call = lambda: model.hf_model(**inputs, use_cache=False, logits_to_keep=1)  # noqa: E731
-    elif mode == "forward_full":
-        call = lambda: model.hf_model(**inputs, use_cache=False)  # noqa: E731
-    elif mode == "hf_sdpa":
-        call = lambda: ref(**inputs, use_cache=False, logits_to_keep=1)  # noqa: E731
-    elif mode == "rows":
-        call = lambda: model.attention_rows(batch)  # noqa: E731
-    else:
-        call = lambda: model.attention_rows(batch, early_exit=False)  # noqa: E731
-    def measured():
+    if mode in ("forward", "forward_eager"):
+        return (lambda: model.hf_model(**inputs, use_cache=False, logits_to_keep=1)), batch.seq_len
+    if mode in ("rows", "rows_eager"):
+        return (lambda: model.attention_rows(batch)), batch.seq_len
+    return (lambda: model.attention_rows(batch, early_exit=False)), batch.seq_len
+
+
+def serve_mode(mode: str, batch_size: int) -> None:
+    import torch
+
+    call, tokens = setup(mode, batch_size)
+
+    def measure() -> dict:
         gc.collect()
         _reset_peak()
         before = _rss_kib("VmRSS")
-        start = time.perf_counter()
-        out = call()
-        seconds = time.perf_counter() - start
-        extra = (_rss_kib("VmHWM") - before) / 1024
-        stored = out.values.numel() * out.values.element_size() / 1024 if isinstance(out, cs.AttentionRows) else 0.0
-        return seconds, extra, stored
+        start, cpu = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            out = call()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        peak = _rss_kib("VmHWM")
+        values = getattr(out, "values", None)
+        stored = values.numel() * values.element_size() / 1024 if isinstance(values, torch.Tensor) else 0.0
+        return {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "extra_peak_mib": round((peak - before) / 1024, 1),
+                "peak_rss_mib": round(peak / 1024, 1), "stored_kib": round(stored, 1), "tokens": tokens,
+                "threads": torch.get_num_threads()}
 
-    with torch.no_grad():
-        _, first_extra, stored = measured()
-        runs = [measured() for _ in range(repeats)]
-    times = sorted(r[0] for r in runs)
-    extras = sorted(r[1] for r in runs)
-    return {"mode": mode, "batch": batch_size, "tokens": batch.seq_len, "params_m": round(params / 1e6, 1),
-            "best_s": round(times[0], 4), "median_s": round(times[len(times) // 2], 4),
-            "first_call_extra_mib": round(first_extra, 1), "extra_peak_mib": round(extras[len(extras) // 2], 1),
-            "stored_kib": round(stored, 1), "threads": torch.get_num_threads()}
+    serve(measure)
+
+
+def record(mode: str, batch: int, first: dict, mine: list[dict], theirs: list[dict]) -> dict:
+    cpu, wall = stats(mine, "cpu_s"), stats(mine, "wall_s")
+    extra, ref_extra = stats(mine, "extra_peak_mib")[1], stats(theirs, "extra_peak_mib")[1]
+    ref_peak = stats(theirs, "peak_rss_mib")[1]
+    return {"mode": mode, "batch": batch, "tokens": first["tokens"], "calls": len(mine),
+            "best_cpu_s": cpu[0], "median_cpu_s": cpu[1], "best_s": wall[0], "median_s": wall[1],
+            "first_call_extra_mib": first["extra_peak_mib"], "extra_peak_mib": extra,
+            "peak_rss_mib": stats(mine, "peak_rss_mib")[1], "stored_kib": first["stored_kib"],
+            "ref_best_cpu_s": stats(theirs, "cpu_s")[0], "ref_best_s": stats(theirs, "wall_s")[0],
+            "ref_extra_peak_mib": ref_extra, "ref_peak_rss_mib": ref_peak,
+            "cpu_ratio": ratios(mine, theirs, "cpu_s"), "wall_ratio": ratios(mine, theirs, "wall_s"),
+            "extra_mib_vs_hf_sdpa": round(extra - ref_extra, 1),
+            "extra_pct_of_hf_sdpa_peak": round(100 * (extra - ref_extra) / ref_peak, 2),
+            "threads": first["threads"]}
+
+
+def _rounds(args: argparse.Namespace, batch: int) -> int:
+    """Paired rounds for ``batch``: ``--rounds`` holds one value or one per ``--batch`` entry."""
+    reps = args.rounds
+    return reps[0] if len(reps) == 1 else reps[args.batch.index(batch)]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="*", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--rounds", type=int, nargs="*", default=[5, 3],
+                        help="paired reference / mode calls per mode: one value, or one per --batch entry")
     parser.add_argument("--modes", nargs="*", default=list(MODES))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_rows.json"))
-    parser.add_argument("--worker", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(run_one(args.worker[0], int(args.worker[1]), args.repeats)))
+    if args.serve:
+        serve_mode(args.serve[0], int(args.serve[1]))
         return 0
     from cleansight_analysis.manifest import build_manifest
 
+    before = machine()
     results = []
     for b in args.batch:
-        for mode in args.modes:
-            proc = subprocess.run([sys.executable, __file__, "--worker", mode, str(b), "--repeats", str(args.repeats)],
-                                  capture_output=True, text=True, check=True)
-            rec = json.loads(proc.stdout.strip().splitlines()[-1])
+        ref = Worker(__file__, [REFERENCE, str(b)])
+        ref_first = ref.call()
+        ref_calls: list[dict] = []
+        for mode in [m for m in args.modes if m != REFERENCE]:
+            worker = Worker(__file__, [mode, str(b)])
+            first, mine, theirs = paired(ref, worker, _rounds(args, b))
+            worker.close()
+            ref_calls += theirs
+            rec = record(mode, b, first, mine, theirs)
             results.append(rec)
-            print(f"batch {b}  {mode:<14} best {rec['best_s']:.3f} s  median {rec['median_s']:.3f} s  "
-                  f"extra peak {rec['extra_peak_mib']:.0f} MiB (first call {rec['first_call_extra_mib']:.0f})  "
-                  f"kept {rec['stored_kib']:.0f} KiB  ({rec['tokens']} tokens)", flush=True)
-    summary = []
-    for b in args.batch:
-        by = {r["mode"]: r for r in results if r["batch"] == b}
-        for mode in ("rows", "rows_full_pass"):
-            if mode in by and "forward" in by:
-                summary.append({
-                    "batch": b, "mode": mode,
-                    "time_ratio_vs_forward": round(by[mode]["best_s"] / by["forward"]["best_s"], 3),
-                    "extra_mib_per_sample_vs_forward": round(
-                        (by[mode]["extra_peak_mib"] - by["forward"]["extra_peak_mib"]) / b, 1),
-                })
-    for s in summary:
-        print(f"batch {s['batch']}: {s['mode']} / forward time = {s['time_ratio_vs_forward']:.3f}x, "
-              f"extra memory = {s['extra_mib_per_sample_vs_forward']:+.1f} MiB per sample")
+            print(f"batch {b}  {mode:<14} CPU {rec['best_cpu_s']:.3f} s (hf_sdpa {rec['ref_best_cpu_s']:.3f} s): "
+                  f"{rec['cpu_ratio']['best']:.3f}x best, {rec['cpu_ratio']['paired_median']:.3f}x paired median; "
+                  f"wall {rec['wall_ratio']['best']:.3f}x; extra memory {rec['extra_mib_vs_hf_sdpa']:+.1f} MiB "
+                  f"({rec['extra_pct_of_hf_sdpa_peak']:+.2f} % of hf_sdpa's peak RSS); kept {rec['stored_kib']:.0f} KiB "
+                  f"({rec['tokens']} tokens)", flush=True)
+        ref.close()
+        if ref_calls:
+            results.append(record(REFERENCE, b, ref_first, ref_calls, ref_calls))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"manifest": build_manifest(settings=vars(args)), "results": results,
-                               "summary": summary}, indent=2, default=str) + "\n")
+    settings = {k: v for k, v in vars(args).items() if k != "serve"}
+    out.write_text(json.dumps({"manifest": build_manifest(settings=settings),
+                               "machine": {"before": before, "after": machine(),
+                                           "note": "shared 2-core machine: other jobs ran alongside; ratios use "
+                                                   "process CPU time of paired calls"},
+                               "goals": {"rows_cpu_ratio": 1.05, "rows_extra_pct_of_hf_sdpa_peak": 5.0},
+                               "results": results}, indent=2, default=str) + "\n")
     print("wrote", out)
     return 0
 

@@ -47,6 +47,19 @@ def llava_next():
 
 
 @pytest.fixture(scope="session")
+def llava_eager():
+    """The same tiny LLaVA with the bridge's eager attention in every layer (``attention="eager"``): the
+    path whose logits and attention equal HF eager attention to 1e-5, padding positions included (the
+    default SDPA path equals HF's SDPA model instead; tests/test_sdpa_rows.py)."""
+    return cs.load_lvlm("tiny-random-llava", attention="eager")
+
+
+@pytest.fixture(scope="session")
+def llava_next_eager():
+    return cs.load_lvlm("tiny-random-llava-next", attention="eager")
+
+
+@pytest.fixture(scope="session")
 def llava_next_ref():
     model, _ = tiny.tiny_random_llava_next()
     return model

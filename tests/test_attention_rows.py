@@ -14,7 +14,8 @@ def _hf_attn(ref, inputs):
         return ref(**inputs, output_attentions=True, use_cache=False).attentions
 
 
-def test_last_query_rows_equal_hf_output_attentions(llava, llava_ref, images):
+def test_last_query_rows_equal_hf_output_attentions(llava_eager, llava_ref, images):
+    llava = llava_eager  # exact against HF eager attention (the SDPA default: tests/test_sdpa_rows.py)
     batch = llava.prepare(images, ["what color is it?", "shape?", "describe this image in a short sentence."])
     att = _hf_attn(llava_ref, batch.model_inputs())
     rows = llava.attention_rows(batch)

@@ -20,7 +20,8 @@ def test_registry_builder_is_deterministic():
         assert na == nb and torch.equal(pa, pb)
 
 
-def test_llava_logits_and_attention_match_hf_eager(llava, llava_ref, images):
+def test_llava_logits_and_attention_match_hf_eager(llava_eager, llava_ref, images):
+    llava = llava_eager  # the eager path (the SDPA default equals HF's SDPA model: tests/test_sdpa_rows.py)
     batch = llava.prepare(images, ["What color is it?", "Describe this image.", "shape?"])
     ref = _ref_outputs(llava_ref, batch)
     logits = llava.forward(batch)
@@ -39,7 +40,8 @@ def test_llava_logits_and_attention_match_hf_eager(llava, llava_ref, images):
     assert ref.attentions[1].max() > 0.5
 
 
-def test_llava_next_gqa_logits_and_attention_match_hf_eager(llava_next, llava_next_ref):
+def test_llava_next_gqa_logits_and_attention_match_hf_eager(llava_next_eager, llava_next_ref):
+    llava_next = llava_next_eager  # the eager path, as above
     assert llava_next.n_kv_heads < llava_next.n_heads
     ims = [noise_image(3, (64, 30)), noise_image(4, (40, 70))]
     batch = llava_next.prepare(ims, ["What color is it?", "Describe this image in a short sentence."])

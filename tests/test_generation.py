@@ -59,8 +59,9 @@ def test_image_key_mask_acts_at_prefill_and_every_step(llava):
     assert (a - b).abs().max() > 1e-2
 
 
-def test_hook_z_ablation_is_on_o_proj_input(llava, llava_ref):
+def test_hook_z_ablation_is_on_o_proj_input(llava_eager, llava_ref):
     """Zeroing head 2 of layer 1 at hook_z equals zeroing that head's slice of o_proj's input in HF."""
+    llava = llava_eager  # against HF eager (SDPA against HF SDPA: tests/test_sdpa_rows.py)
     batch = _batch(llava)
     d_head = llava.text_config.hidden_size // llava.n_heads
 

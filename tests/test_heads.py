@@ -48,9 +48,10 @@ def _recorder(store, key):
 # ----------------------------------------------------------------------------------------- ablation
 
 
-def test_zero_ablation_removes_exactly_one_head(llava, llava_ref):
+def test_zero_ablation_removes_exactly_one_head(llava_eager, llava_ref):
     """Zeroing (1, 2) at hook_z equals zeroing that slice of o_proj's input in plain HF, leaves the other
     heads' hook_z untouched, and changes the attention output by exactly o_proj applied to that head."""
+    llava = llava_eager  # against HF eager (SDPA against HF SDPA: tests/test_sdpa_rows.py)
     batch = llava.prepare([noise_image(0), noise_image(1, (40, 90))], PROMPTS)
     d_head = llava.text_config.hidden_size // llava.n_heads
     iv = HeadAblation([(1, 2)])

@@ -38,6 +38,23 @@ F32_SUM_ATOL = 5e-5
 F32_FORWARD_RTOL = 1e-4
 
 
+#: Attention rows of one layer computed two ways from the SAME q and k (tests/test_sdpa_rows.py): eager
+#: attention's full ``softmax(q k^T * c + mask)`` (``c = d**-0.5``) sliced to the chosen queries, and the SDPA
+#: path's rows of those queries only (``models.attention_hooks.rows_from_qk``). The two run the same float32
+#: operations in the same order except the accumulation inside each score ``s = c * sum_i q_i k_i``, a sum
+#: of ``d`` products that a GEMM over ``T`` query rows and one over ``n`` rows may block differently. Each of
+#: the ``d`` accumulation steps rounds by a roughly uniform error of at most ``u`` times a partial sum, and
+#: every partial sum is bounded by ``S = c * sum_i |q_i k_i|``, so two orders differ typically by
+#: ``sqrt(2 d / 3) * u * S`` (worst case ``2 d u S``). The tiny models have ``d = 32`` and, over the scores
+#: that get weight (real queries, real causal keys), ``S <= SDPA_SCORE_SPAN = 50`` (the test checks it):
+#: ``|ds| ~ 4.6 * 6e-8 * 50 = 1.4e-5``. A softmax entry moves by ``|dp_j| = p_j |ds_j - sum_k p_k ds_k| <=
+#: 2 p_j (1 - p_j) max|ds| <= max|ds| / 2 ~ 7e-6``; masked keys get exactly zero weight on both paths. 1e-5
+#: covers this (measured: <= 1.2e-6). Rows further down a forward whose EARLIER layers ran SDPA instead of
+#: eager differ more: those are two forward passes apart (:data:`F32_FORWARD_RTOL`).
+SDPA_ROWS_ATOL = 1e-5
+SDPA_SCORE_SPAN = 50.0
+
+
 def sum_rtol(n_terms: int) -> float:
     """Worst-case relative difference of two float32 sums of the same ``n_terms`` positive numbers taken
     in different orders (or one in float64): ``n_terms * u``."""

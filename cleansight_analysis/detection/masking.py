@@ -2,16 +2,19 @@
 
 A masked key gets the dtype's most negative finite value (``torch.finfo(dtype).min``, the paper's
 ``-1e38`` made dtype-safe) in the pre-softmax scores (``hook_attn_scores``), so the softmax gives it
-(numerically) zero weight and renormalises the rest. Tokens stay in the sequence and the KV cache; key
-positions never move during decoding, so one ``[B, T]`` mask serves prefill and every decode step.
+(numerically) zero weight and renormalises the rest; under SDPA attention the same hook removes the key
+from SDPA's boolean mask (exactly zero weight), without the eager scores. Tokens stay in the sequence and
+the KV cache; key positions never move during decoding, so one ``[B, T]`` mask serves prefill and every
+decode step.
 
 - :func:`key_mask_hook`: one hook function; the mask may be a tensor or a callable read at call time
   (CleanSight builds Omega inside the same forward pass); ``prefill`` / ``decode`` choose the calls it acts
   on, ``query`` restricts it to one query row per sample (the fusion-onset probe).
 - :func:`key_mask_hooks`: the hooks for a range of layers of a model (random pruning, the oracle tau sweep,
   the logit lens' pruned condition).
-- :func:`drop_keys`: the same mask applied to a *post*-softmax pattern by zeroing and renormalising (for
-  the layer where Omega is built, whose scores hook has already run).
+- :func:`drop_keys` (from :mod:`cleansight_analysis.models.attention_hooks`): the same mask applied to a
+  *post*-softmax pattern by zeroing and renormalising (for the layer where Omega is built, whose scores
+  hook has already run).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 
 from ..errors import InputError
+from ..models.attention_hooks import KeyMaskHook, drop_keys, fit_width
 
 Mask = Union[torch.Tensor, Callable[[], "torch.Tensor | None"]]
 
@@ -36,17 +40,39 @@ def positions_mask(positions: Sequence[Any], n_keys: int | None = None) -> torch
     return out
 
 
-def _fit_width(mask: torch.Tensor, k: int, device: Any) -> torch.Tensor:
-    """``mask`` ``[B, K']`` cut or zero-padded to ``[B, k]`` on ``device``."""
-    out = torch.zeros(mask.shape[0], k, dtype=torch.bool)
-    w = min(k, mask.shape[-1])
-    out[:, :w] = mask[:, :w].cpu()
-    return out.to(device)
+class _KeyMask(KeyMaskHook):
+    """The hook :func:`key_mask_hook` returns (see there)."""
+
+    def __init__(self, mask: Mask, seq_len: int | None, prefill: bool, decode: bool, query: torch.Tensor | None,
+                 owner: str):
+        self.mask, self.seq_len, self.prefill, self.decode = mask, seq_len, prefill, decode
+        self.query, self.owner = query, owner
+
+    def hidden(self, shape: tuple[int, ...], device: Any) -> torch.Tensor | None:
+        m = self.mask() if callable(self.mask) else self.mask
+        if m is None or not bool(m.any()):
+            return None
+        if shape[0] != m.shape[0]:
+            raise InputError(f"{self.owner}: built for {m.shape[0]} samples, saw scores of shape {shape}")
+        q_len, k = shape[-2], shape[-1]
+        if self.seq_len is not None:
+            is_prefill = k == self.seq_len and q_len == self.seq_len
+            if (is_prefill and not self.prefill) or (not is_prefill and not self.decode):
+                return None
+        km = fit_width(m, k, device)
+        if self.query is None or q_len == 1:
+            return km[:, None, :]
+        hide = torch.zeros(shape[0], q_len, k, dtype=torch.bool, device=device)
+        hide[torch.arange(shape[0], device=device), self.query.to(device)] = km
+        return hide
 
 
 def key_mask_hook(mask: Mask, *, seq_len: int | None = None, prefill: bool = True, decode: bool = True,
-                  query: torch.Tensor | None = None, owner: str = "key_mask_hook") -> Callable:
-    """A ``hook_attn_scores`` function masking the keys in ``mask`` before the softmax.
+                  query: torch.Tensor | None = None, owner: str = "key_mask_hook") -> KeyMaskHook:
+    """A ``hook_attn_scores`` hook masking the keys in ``mask`` before the softmax.
+
+    It is a :class:`~cleansight_analysis.models.attention_hooks.KeyMaskHook`: under SDPA attention the model
+    removes the keys from SDPA's boolean mask instead of editing scores (no eager attention needed).
 
     Args:
         mask: ``[B, T]`` bool (True = hide this key), or a callable returning one (or ``None``: nothing to
@@ -60,29 +86,7 @@ def key_mask_hook(mask: Mask, *, seq_len: int | None = None, prefill: bool = Tru
     Returns:
         ``fn(scores [B, H, Q, K], hook) -> scores``; samples whose mask is empty are returned unchanged.
     """
-
-    def fn(scores: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        m = mask() if callable(mask) else mask
-        if m is None or not bool(m.any()):
-            return scores
-        if scores.shape[0] != m.shape[0]:
-            raise InputError(f"{owner}: built for {m.shape[0]} samples, saw scores of shape {tuple(scores.shape)}")
-        q_len, k = scores.shape[-2], scores.shape[-1]
-        if seq_len is not None:
-            is_prefill = k == seq_len and q_len == seq_len
-            if (is_prefill and not prefill) or (not is_prefill and not decode):
-                return scores
-        km = _fit_width(m, k, scores.device)
-        low = torch.finfo(scores.dtype).min
-        if query is None or q_len == 1:
-            return scores.masked_fill(km[:, None, None, :], low)
-        out = scores.clone()
-        bi = torch.arange(scores.shape[0], device=scores.device)
-        q = query.to(scores.device)
-        out[bi, :, q, :] = out[bi, :, q, :].masked_fill(km[:, None, :], low)
-        return out
-
-    return fn
+    return _KeyMask(mask, seq_len, prefill, decode, query, owner)
 
 
 def key_mask_hooks(model: Any, mask: Mask | Sequence[Any], from_layer: int = 0, *,
@@ -114,16 +118,6 @@ def key_mask_hooks(model: Any, mask: Mask | Sequence[Any], from_layer: int = 0, 
             return []
     fn = key_mask_hook(mask, seq_len=seq_len, prefill=prefill, decode=decode, query=query, owner="key_mask_hooks")
     return model.lm_hooks("attn_scores", fn, layers=list(layers))
-
-
-def drop_keys(pattern: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Post-softmax ``pattern`` ``[B, H, Q, K]`` with the keys of ``key_mask`` ``[B, K']`` zeroed and every row
-    renormalised (equal to the pre-softmax mask up to rounding); samples with no masked key are returned
-    bit-identical."""
-    km = _fit_width(key_mask, pattern.shape[-1], pattern.device)
-    edited = pattern.masked_fill(km[:, None, None, :], 0.0)
-    edited = edited / edited.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
-    return torch.where(km.any(1)[:, None, None, None], edited, pattern)
 
 
 __all__ = ["drop_keys", "key_mask_hook", "key_mask_hooks", "positions_mask"]

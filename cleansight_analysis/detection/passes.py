@@ -1,11 +1,13 @@
 """Reading the answer query's rows inside a forward / generate call: features, detection and Omega in flight.
 
-:class:`QueryPass` holds the hooks of one call. On ``hook_pattern`` of each detection layer it keeps only the
-query row ``[B, H, K]`` and its group masses (:func:`~.features.group_masses`); at the last detection layer
+:class:`QueryPass` holds the hooks of one call. On ``hook_pattern`` of each detection layer it reads only the
+query row ``[B, H, K]`` (a :class:`~cleansight_analysis.models.attention_hooks.RowsHook`: computed from q and
+k under SDPA attention) and its group masses (:func:`~.features.group_masses`); at the last detection layer
 ``l_e`` it builds the feature vectors, and with an :class:`Armed` detector it computes distances, flags and
 Omega (:func:`~.pruning.omega`), then (``mask=True``) hides Omega from flagged samples: ``l_e`` itself by
-renormalising its post-softmax pattern (:func:`~.masking.drop_keys`; its scores hook has already run), later
-layers and decode steps before the softmax (:func:`~.masking.key_mask_hook`), per ``mask_scope``.
+dropping Omega from that layer once its row is read (eager: renormalising the post-softmax pattern,
+:func:`~cleansight_analysis.models.attention_hooks.drop_keys`; SDPA: the attention mask), later layers and
+decode steps before the softmax (:func:`~.masking.key_mask_hook`), per ``mask_scope``.
 
 Public entry points for scoring without generation (what CleanSight's ``fit`` / ``score`` / ``features``,
 the layer selector and the detection sweeps all use, so their features agree bit for bit on the same
@@ -19,7 +21,7 @@ batches):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,12 +31,13 @@ from tqdm.auto import tqdm
 from ..data.base import Sample
 from ..errors import InputError
 from ..inputs.batch import Batch, sample_batches
+from ..models.attention_hooks import RowsHook
 from ..models.hooked import HookedLVLM
 from ..models.hooknames import hook_attn_scores, hook_pattern
 from ..models.rows import StopForward
 from .detector import DetectorSettings
 from .features import group_masses, membership
-from .masking import drop_keys, key_mask_hook
+from .masking import key_mask_hook
 from .pruning import image_mask, image_token_peaks, omega
 from .whitening import Whitener
 
@@ -107,66 +110,57 @@ class QueryPass:
         """``[B, D]`` float64 feature vectors (layer-major)."""
         return self.settings.features(self.mass())
 
-    def _pattern_hook(self, layer: int):
-        def hook(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-            # pattern: [B, H, Q, K]; prefill has Q = K = T, decode steps Q = 1, K > T.
-            if pattern.shape[-1] != self.t or pattern.shape[-2] != self.t:
-                if self.decode and self.done and pattern.shape[-2] == 1:
-                    return self._decode_step(layer, pattern)
-                return pattern
-            if self.done:
-                return pattern
-            bi = torch.arange(self.b, device=pattern.device)
-            rows = pattern[bi, :, self.qpos.to(pattern.device), :].detach().float().cpu()  # [B, H, T]
-            self.masses[layer] = group_masses(rows, self.member)
-            if layer != self.l_e:
-                return pattern
-            self.done = True
-            if self.token_rows:
-                self.token_max = image_token_peaks(rows, self.t)
-            feats = self.features() if (self.decode or self.armed is not None) else None
+    def _prefill_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """The prefill query row ``[B, H, T]`` of ``layer``; at ``l_e`` detection and Omega. Returns the keys to
+        drop from ``l_e`` (Omega of flagged samples, when masking) or ``None``."""
+        self.masses[layer] = group_masses(rows, self.member)
+        if layer != self.l_e:
+            return None
+        self.done = True
+        if self.token_rows:
+            self.token_max = image_token_peaks(rows, self.t)
+        feats = self.features() if (self.decode or self.armed is not None) else None
+        if self.decode:
+            self.step_features.append(feats)
+        drop = None
+        if self.armed is not None:
+            self.scores = self.armed.whitener.distance(feats)
+            self.flags = torch.as_tensor(self.scores > self.armed.gamma)
+            self.key_mask = omega(rows, self.img, self.armed.tau) & self.flags[:, None]
             if self.decode:
-                self.step_features.append(feats)
-            if self.armed is not None:
-                self.scores = self.armed.whitener.distance(feats)
-                self.flags = torch.as_tensor(self.scores > self.armed.gamma)
-                self.key_mask = omega(rows, self.img, self.armed.tau) & self.flags[:, None]
-                if self.decode:
-                    self.step_scores.append(self.scores)
-                    self.flag_step = torch.where(self.flags, 0, -1)
-                if self.mask and bool(self.key_mask.any()):
-                    pattern = drop_keys(pattern, self.key_mask)
-            if self.stop:
-                raise StopForward
-            return pattern
+                self.step_scores.append(self.scores)
+                self.flag_step = torch.where(self.flags, 0, -1)
+            if self.mask and bool(self.key_mask.any()):
+                drop = self.key_mask
+        if self.stop:
+            raise StopForward
+        return drop
 
-        return hook
-
-    def _decode_step(self, layer: int, pattern: torch.Tensor) -> torch.Tensor:
-        """Score one decoding query (``query="generated"``); flag and mask samples crossing ``gamma``."""
-        rows = pattern[:, :, 0, :].detach().float().cpu()  # [B, H, K], K = T + steps so far
+    def _decode_step(self, layer: int, rows: torch.Tensor) -> torch.Tensor | None:
+        """Score one decoding query (``query="generated"``; ``rows`` ``[B, H, K]``, ``K = T`` + steps so far);
+        flag and mask samples crossing ``gamma``. Returns the keys to drop from this step's ``l_e`` or ``None``."""
         extra = rows.shape[-1] - self.t
         gen = torch.zeros(self.b, extra, self.member.shape[-1], dtype=self.member.dtype)
         gen[..., -1] = 1.0                                 # generated tokens: the last group (text keys)
         self._decode_masses[layer] = group_masses(rows, torch.cat([self.member, gen], 1))
         if layer != self.l_e:
-            return pattern
+            return None
         self.step += 1
         feats = self.settings.features(torch.stack([self._decode_masses[x] for x in self.layers], dim=1))
         self.step_features.append(feats)
         if self.armed is None or self.flags is None or self.key_mask is None:
-            return pattern
+            return None
         dist = self.armed.whitener.distance(feats)
         self.step_scores.append(dist)
         new = torch.as_tensor(dist > self.armed.gamma) & ~self.flags
         if not bool(new.any()):
-            return pattern
+            return None
         self.key_mask = torch.where(new[:, None], omega(rows, self.img, self.armed.tau), self.key_mask)
         self.flags = self.flags | new
         self.flag_step = torch.where(new, self.step, self.flag_step)
         if self.mask:  # this step's l_e row of the newly flagged samples (earlier layers ran unmasked)
-            pattern = drop_keys(pattern, self.key_mask & new[:, None])
-        return pattern
+            return self.key_mask & new[:, None]
+        return None
 
     def decode_summary(self, n_tokens: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """Per-sample largest distance over the steps that fed the answer, and flags restricted to them.
@@ -182,7 +176,7 @@ class QueryPass:
 
     # -- hooks -------------------------------------------------------------------------------
     def hooks(self) -> list:
-        out: list = [(hook_pattern(layer), self._pattern_hook(layer)) for layer in self.layers]
+        out: list = [(hook_pattern(layer), _QueryRows(self, layer)) for layer in self.layers]
         if self.mask:
             for layer in range(self.n_layers):
                 pre = layer >= self.prefill_from
@@ -191,6 +185,28 @@ class QueryPass:
                     fn = key_mask_hook(lambda: self.key_mask, seq_len=self.t, prefill=pre, decode=dec)
                     out.append((hook_attn_scores(layer), fn))
         return out
+
+
+class _QueryRows(RowsHook):
+    """The answer query's row of one detection layer: at prefill (``Q = K = T``, until ``l_e`` is done) and,
+    with ``decode``, the single query of every decode step after it."""
+
+    def __init__(self, run: QueryPass, layer: int):
+        self.run, self.layer = run, layer
+
+    def queries(self, batch: int, q_len: int, k_len: int) -> torch.Tensor | None:
+        run = self.run
+        if q_len == run.t and k_len == run.t:
+            return None if run.done else run.qpos[:, None]
+        if run.decode and run.done and q_len == 1:
+            return torch.zeros(batch, 1, dtype=torch.long)
+        return None
+
+    def read(self, rows: torch.Tensor) -> torch.Tensor | None:
+        rows = rows[:, :, 0].detach().float().cpu()  # [B, H, K]
+        if rows.shape[-1] == self.run.t:
+            return self.run._prefill_rows(self.layer, rows)
+        return self.run._decode_step(self.layer, rows)
 
 
 def scoring_pass(model: "HookedLVLM", batch: "Batch", layers: Sequence[int], settings: DetectorSettings, *,

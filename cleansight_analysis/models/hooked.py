@@ -1,10 +1,15 @@
 """``HookedLVLM``: a LLaVA-style model wrapped by TransformerLens' ``TransformerBridge``.
 
-The bridge replaces each language-model attention module in place with one that recomputes
-attention eagerly and exposes hook points (``blocks.{l}.attn.hook_pattern``, ``hook_attn_scores``,
-``hook_z`` = input of ``o_proj`` split by head, ...). Calling the wrapped HF model therefore fires
-those hooks, so we keep HF's own forward and ``generate`` (cache, positions, image merging) and add
-hooks around them: prefill and every decode step see the same edits.
+The bridge replaces each language-model attention module in place with one that exposes hook points
+(``blocks.{l}.attn.hook_pattern``, ``hook_attn_scores``, ``hook_z`` = input of ``o_proj`` split by head,
+...). Calling the wrapped HF model therefore fires those hooks, so we keep HF's own forward and
+``generate`` (cache, positions, image merging) and add hooks around them: prefill and every decode step
+see the same edits.
+
+Attention runs as SDPA in every layer (``attention="sdpa"``, the default) except where a hook needs the
+full pattern or the pre-softmax scores (:mod:`.sdpa`); the attention rows and key masks of this package
+are declared hooks (:mod:`.attention_hooks`) that SDPA serves from q and k. ``attention="eager"`` runs
+the bridge's eager attention everywhere, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from .families import ModelFamily
 from .hooknames import EMBED_IN, FINAL_NORM_OUT, UNEMBED_OUT, HookSpec, hook_attn, hook_block_out, hook_pattern
 from .rows import AttentionRows, RowRecorder, StopForward
+from .sdpa import check_mode, install_attention
 
 _DEFAULT: Any = object()
 
@@ -55,15 +61,18 @@ class HookedLVLM:
         family: the architecture adapter (:class:`ModelFamily`).
         name: where the model came from (registry name, folder or ``"<in-memory>"``).
         system_prompt: default system message of :meth:`prepare`.
+        attention: ``"sdpa"`` (default: SDPA in every layer, eager only in layers whose pattern or scores
+            a hook needs) or ``"eager"`` (the bridge's eager attention everywhere). Settable.
     """
 
     def __init__(self, bridge: Any, processor: Any, family: ModelFamily, *, name: str,
-                 system_prompt: str | None = LLAVA_SYSTEM_PROMPT):
+                 system_prompt: str | None = LLAVA_SYSTEM_PROMPT, attention: str = "sdpa"):
         self.bridge = bridge
         self.processor = processor
         self.family = family
         self.name = name
         self.system_prompt = system_prompt
+        self._attention = install_attention(bridge, check_mode(attention))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -74,6 +83,15 @@ class HookedLVLM:
     @property
     def config(self) -> Any:
         return self.hf_model.config
+
+    @property
+    def attention(self) -> str:
+        """``"sdpa"`` or ``"eager"`` (see the class docstring); assign to switch."""
+        return self._attention.mode
+
+    @attention.setter
+    def attention(self, mode: str) -> None:
+        self._attention.mode = check_mode(mode)
 
     @property
     def text_config(self) -> Any:
@@ -122,7 +140,8 @@ class HookedLVLM:
 
     def __repr__(self) -> str:
         return (f"HookedLVLM(name={self.name!r}, architecture={self.family.architecture}, layers={self.n_layers}, "
-                f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, device={self.device}, dtype={self.dtype})")
+                f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, device={self.device}, dtype={self.dtype}, "
+                f"attention={self.attention!r})")
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -164,8 +183,13 @@ class HookedLVLM:
 
     @contextmanager
     def hooks(self, hooks: Sequence[HookSpec] = ()) -> Iterator["HookedLVLM"]:
-        """Context manager adding TransformerLens-style ``(name_or_filter, fn)`` forward hooks."""
-        with self.bridge.hooks(fwd_hooks=list(hooks)):
+        """Context manager adding TransformerLens-style ``(name_or_filter, fn)`` forward hooks.
+
+        Under ``attention="sdpa"``, key masks and row readers (:mod:`.attention_hooks`) of layers without
+        other pattern / score hooks are served inside SDPA; every other hook goes to the bridge.
+        """
+        bridge_hooks, declared = self._attention.route(hooks)
+        with self._attention.serving(declared), self.bridge.hooks(fwd_hooks=bridge_hooks):
             yield self
 
     @staticmethod
@@ -315,12 +339,15 @@ class HookedLVLM:
                 every sample, or ``[B, Q]`` per sample (positions index the padded sequence).
             hooks: extra forward hooks active during the pass (e.g. edits whose effect to measure).
             dtype: storage dtype of the rows (float16 halves memory for long sequences).
-            early_exit: stop the forward pass once the deepest requested layer's pattern is recorded
+            early_exit: stop the forward pass once the deepest requested layer's rows are recorded
                 (nothing after it can change the rows); ``False`` runs the whole model.
 
         Returns:
             :class:`AttentionRows` with ``values`` ``[B, L, H, K]`` for ``"last"`` or an int, else
-            ``[B, Q, L, H, K]``. Only these rows are kept; no ``[L, H, T, T]`` cache is built.
+            ``[B, Q, L, H, K]``. Only these rows are kept; no ``[L, H, T, T]`` cache is built. Under
+            ``attention="sdpa"`` the rows are computed from each layer's q and k inside SDPA attention (no
+            pattern exists); a layer whose pattern or scores one of ``hooks`` edits runs eager and its rows
+            are sliced from the (edited) pattern.
         """
         self._check_batch(batch)
         layer_list = self.check_layers(layers)

@@ -16,6 +16,7 @@ from .hooked import HookedLVLM
 from .registry import (  # noqa: F401 - card helpers re-exported here
     CARD_FILE, MAX_BASE_DEPTH, base_chain, is_delta_folder, lookup, read_card, registered_models, resolve_base,
 )
+from .sdpa import check_mode
 
 #: File names accepted as weights; pickled ``*.bin`` / ``*.pt`` files are refused.
 SAFE_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -346,7 +347,7 @@ def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tupl
 
 
 def load_lvlm(source: Any, *, processor: Any = None, device: Any = None, dtype: Any = None,
-              name: str | None = None) -> HookedLVLM:
+              name: str | None = None, attention: str = "sdpa") -> HookedLVLM:
     """Load a LLaVA-style model as a :class:`HookedLVLM`, without touching the network.
 
     Args:
@@ -359,11 +360,16 @@ def load_lvlm(source: Any, *, processor: Any = None, device: Any = None, dtype: 
         dtype: default float32 on CPU, bfloat16 on CUDA. (An in-memory model keeps its dtype unless
             one is given.)
         name: label recorded on the model (defaults to the source).
+        attention: ``"sdpa"`` (default): SDPA attention in every layer, with attention rows and key masks
+            computed inside it; eager attention only in layers where a hook needs the full pattern or the
+            pre-softmax scores. ``"eager"``: the bridge's eager attention in every layer (the reference
+            path; switch later with ``model.attention = ...``).
 
     The HF model is wrapped in place (its attention modules become TransformerLens bridges that
     compute exactly what HF eager attention computes); copy it first if you need it untouched.
     """
     disable_torchvision_autoinstall()
+    check_mode(attention)
     model, processor, family, label = load_hf(source, processor=processor, device=device, dtype=dtype, name=name)
     from transformer_lens.model_bridge.sources import build_bridge_from_module
 
@@ -372,4 +378,4 @@ def load_lvlm(source: Any, *, processor: Any = None, device: Any = None, dtype: 
     bridge = build_bridge_from_module(model, family.architecture, hf_config=model.config, model_name=label)
     bridge.eval()
     install_kv_cache_shim(bridge)
-    return HookedLVLM(bridge, processor, family, name=label)
+    return HookedLVLM(bridge, processor, family, name=label, attention=attention)

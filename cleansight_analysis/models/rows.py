@@ -1,7 +1,8 @@
 """Attention rows: post-softmax attention of chosen query positions, sliced inside the forward pass.
 
-Only ``[batch, layer, head, key]`` rows leave the model; the per-layer ``[B, H, T, T]`` pattern lives
-only inside the attention computation (eager attention needs it anyway) and is never stored.
+Only ``[batch, layer, head, key]`` rows leave the model. Under SDPA attention the rows are computed from
+each layer's q and k (``O(B * H * Q * T)``) and no ``[B, H, T, T]`` pattern exists; under eager attention
+the pattern lives only inside the attention computation and is never stored.
 
 This is part of the model core (:class:`~cleansight_analysis.models.hooked.HookedLVLM` returns
 :class:`AttentionRows`); the analyses built on rows live in :mod:`cleansight_analysis.attention`,
@@ -11,11 +12,12 @@ which re-exports these names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..inputs.groups import GENERATED, GROUP_NAMES, TokenGroups
+from .attention_hooks import RowsHook
 from .hooknames import HookSpec, hook_pattern
 
 
@@ -23,8 +25,31 @@ class StopForward(Exception):
     """Raised inside a hook to end a forward pass once every requested row is recorded."""
 
 
+class _RowTap(RowsHook):
+    """The recorder's reader of one layer."""
+
+    def __init__(self, recorder: "RowRecorder", layer: int):
+        self.recorder, self.layer = recorder, layer
+
+    def queries(self, batch: int, q_len: int, k_len: int) -> torch.Tensor:
+        qpos = self.recorder.query_positions
+        if qpos is None:  # generation mode: the last query of every call
+            return torch.full((batch, 1), q_len - 1, dtype=torch.long)
+        return qpos
+
+    def read(self, rows: torch.Tensor) -> None:
+        rec = self.recorder
+        # rows: [B, H, n, K] -> stored [B, H, K] (generation mode) or [B, Q, H, K]
+        kept = rows[:, :, -1] if rec.query_positions is None else rows.transpose(1, 2)
+        rec.calls[self.layer].append(kept.detach().to(device=rec.device, dtype=rec.dtype))
+        if rec.stop_after and self.layer == max(rec.layers):
+            raise StopForward
+        return None
+
+
 class RowRecorder:
-    """Forward hooks on ``blocks.{l}.attn.hook_pattern`` that keep only the requested query rows.
+    """Row readers (:class:`~.attention_hooks.RowsHook`) on ``blocks.{l}.attn.hook_pattern`` that keep only
+    the requested query rows (served from q and k under SDPA, sliced from the pattern under eager).
 
     Args:
         layers: LM layers to record.
@@ -43,26 +68,8 @@ class RowRecorder:
         self.stop_after = stop_after
         self.calls: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.layers}
 
-    def _hook(self, layer: int) -> Callable:
-        last_layer = max(self.layers)
-
-        def record(pattern: torch.Tensor, hook: Any) -> torch.Tensor:
-            # pattern: [B, H, Q_call, K]
-            if self.query_positions is None:
-                rows = pattern[:, :, -1, :]  # [B, H, K]
-            else:
-                qpos = self.query_positions.to(pattern.device)
-                batch_idx = torch.arange(pattern.shape[0], device=pattern.device)[:, None]
-                rows = pattern[batch_idx, :, qpos, :]  # [B, Q, H, K]
-            self.calls[layer].append(rows.detach().to(device=self.device, dtype=self.dtype))
-            if self.stop_after and layer == last_layer:
-                raise StopForward
-            return pattern
-
-        return record
-
     def hooks(self) -> list[HookSpec]:
-        return [(hook_pattern(layer), self._hook(layer)) for layer in self.layers]
+        return [(hook_pattern(layer), _RowTap(self, layer)) for layer in self.layers]
 
     def nonfinite_layers(self) -> list[int]:
         """Recorded layers whose rows hold NaN / inf (empty when every row is finite)."""

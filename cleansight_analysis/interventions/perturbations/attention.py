@@ -223,12 +223,15 @@ class AttentionUniform(Perturbation):
         """``(hook_name, fn)`` pattern hooks for ``batch`` (masks are built here, once per batch).
 
         The hooks work at prefill (``[B, H, T, T]``) and at every cached decode step (``[B, H, 1, T + s]``):
-        generated keys are not image keys and generated queries are text.
+        generated keys are not image keys and generated queries are text. ``eta == 0`` is the identity and
+        gets no hooks (a pattern hook would make the edited layers run eager instead of SDPA attention).
         """
+        scope = self.scope(model)
+        if self.eta == 0:
+            return []
         spans, text = image_span_masks(batch)  # [B, S, T], [B, T]
         if self.queries == "all":
             text = text | spans.any(1)  # every non-padding query, image tokens included
-        scope = self.scope(model)
         state: dict[str, Any] = {}
 
         def masks_for(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
