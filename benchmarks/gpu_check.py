@@ -250,6 +250,40 @@ def random_images(sizes: list[tuple[int, int]], n: int, seed: int):
                                          dtype=np.uint8)) for i in range(n)]
 
 
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory, whether torch raises it as ``OutOfMemoryError`` or cuBLAS as a RuntimeError."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("out of memory", "ALLOC_FAILED"))
+
+
+def doubling_search(probe: Callable[[int], dict], start: int, cap: int, until: float,
+                    oom: Callable[[BaseException], bool], cleanup: Callable[[], None] = lambda: None) -> dict:
+    """Largest batch ``start * 2^k <= cap`` for which ``probe(batch)`` runs: stop at the first out-of-memory
+    (``oom(exc)``; other errors propagate), at the cap, or when the next probe (estimated at 2.5x the last
+    one's time) would end after ``until``."""
+    fits, stopped, tried, b, last = 0, None, [], start, 0.0
+    while b <= cap:
+        if time.perf_counter() + 2.5 * last > until:
+            stopped = f"time budget (the probe at batch {b} was estimated at {2.5 * last:.0f} s)"
+            break
+        t0 = time.perf_counter()
+        try:
+            tried.append(probe(b))
+            fits, b = b, 2 * b
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory ends the search quietly
+            if not oom(exc):
+                raise
+            stopped = f"out of memory at batch {b}: {str(exc)[:200]}"
+            break
+        finally:
+            last = time.perf_counter() - t0
+            cleanup()
+    return {"largest_fitting": fits, "stopped": stopped or f"cap {cap}", "tried": tried}
+
+
 def prompts_for(n: int, offset: int = 0) -> list[str]:
     return [PROMPTS[(offset + i) % len(PROMPTS)] for i in range(n)]
 
@@ -605,33 +639,28 @@ def check_model(run: Run, kind: str, until: float) -> None:
         defense = state.get("defense")
         result = {}
         for what in ("cleansight_one_pass", "attention_rows"):
-            fits, failed, tried, b = 0, None, [], max(1, sc.batch)
-            while b <= sc.max_batch:
-                if time.perf_counter() > until:
-                    failed = "time budget"
-                    break
-                try:
-                    ims = random_images(sizes, b, seed=300 + b)
-                    big = model.prepare(ims, prompts_for(b))
-                    with Memory(dev) as mem:
-                        start = time.perf_counter()
-                        if what == "attention_rows" or defense is None:
-                            model.attention_rows(big)
-                        else:
-                            defense.generate(model, big, max_new_tokens=sc.new_tokens)
-                        _sync(dev)
-                        seconds = time.perf_counter() - start
-                    tried.append({"batch": b, "seconds": round(seconds, 3), "peak_extra_mib": round(mem.extra_mib, 1),
-                                  "samples_per_s": round(b / seconds, 3)})
-                    fits = b
-                    b *= 2
-                except torch.cuda.OutOfMemoryError as exc:
-                    failed = f"out of memory at batch {b}: {str(exc)[:200]}"
-                    break
-                finally:
-                    gc.collect()
-                    torch.cuda.empty_cache()
-            result[what] = {"largest_fitting": fits, "stopped": failed or f"cap {sc.max_batch}", "tried": tried}
+            if what == "cleansight_one_pass" and defense is None:
+                result[what] = {"skipped": "calibration failed"}
+                continue
+
+            def probe(b: int, what: str = what) -> dict:
+                big = model.prepare(random_images(sizes, b, seed=300 + b), prompts_for(b))
+                with Memory(dev) as mem:
+                    t0 = time.perf_counter()
+                    if what == "attention_rows":
+                        model.attention_rows(big)
+                    else:
+                        defense.generate(model, big, max_new_tokens=sc.new_tokens)
+                    _sync(dev)
+                    seconds = time.perf_counter() - t0
+                return {"batch": b, "seconds": round(seconds, 3), "peak_extra_mib": round(mem.extra_mib, 1),
+                        "samples_per_s": round(b / seconds, 3)}
+
+            def cleanup() -> None:
+                gc.collect()
+                torch.cuda.empty_cache()
+
+            result[what] = doubling_search(probe, max(1, sc.batch), sc.max_batch, until, is_oom, cleanup)
         return result
 
     run.phase(name, "largest_batch", largest_batch, until=until)

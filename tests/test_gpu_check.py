@@ -99,3 +99,33 @@ def test_refuses_to_overwrite_and_full_scale_on_cpu(result, capsys):
     assert not out.with_name("y.json").exists()
     err = capsys.readouterr().err
     assert "--overwrite" in err and "needs a CUDA device" in err
+
+
+def test_doubling_search_stops_at_out_of_memory_the_cap_and_the_budget():
+    import time
+
+    mod = _module()
+
+    class FakeOOM(RuntimeError):
+        pass
+
+    def probe(limit):
+        def run(b):
+            if b > limit:
+                raise FakeOOM(f"CUDA out of memory at {b}")
+            return {"batch": b}
+        return run
+
+    far = time.perf_counter() + 3600
+    res = mod.doubling_search(probe(40), 8, 256, far, mod.is_oom)
+    assert res["largest_fitting"] == 32 and res["stopped"].startswith("out of memory at batch 64")
+    assert [t["batch"] for t in res["tried"]] == [8, 16, 32]
+    assert mod.doubling_search(probe(10 ** 6), 8, 64, far, mod.is_oom) == {
+        "largest_fitting": 64, "stopped": "cap 64", "tried": [{"batch": b} for b in (8, 16, 32, 64)]}
+    assert mod.doubling_search(probe(10 ** 6), 8, 64, time.perf_counter() - 1, mod.is_oom)["largest_fitting"] == 0
+
+    def broken(b):
+        raise ValueError("a bug, not a full GPU")
+
+    with pytest.raises(ValueError):
+        mod.doubling_search(broken, 8, 64, far, mod.is_oom)
