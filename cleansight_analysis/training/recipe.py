@@ -19,15 +19,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..data.signs import SignLayout
 from ..data.synthetic import TINY_IMAGE_SIZE, SceneConfig, SyntheticWorld
+from ..errors import InputError
 from ..inputs.templates import LLAVA_SYSTEM_PROMPT
 from ..manifest import package_versions
 from ..models.families import FAMILIES
+from ..models.loading import load_hf
 from ..models.tiny import BASE_WORDS, build_word_tokenizer, processor_for, tiny_llava_config
 from .lvlm import ConversationBatcher, TrainSettings, ce_loss, seeded_indices, train_loop
 from .parallel import barrier, is_main, run_parallel, shard
-from .reading import ReadingCurriculum, SignItems, glyph_code, train_reading
+from .reading import ReadingCurriculum, ReadingStage, SignItems, glyph_code, train_reading
 from .vision import pretrain_vision
 
 CARD = "card.json"
@@ -88,9 +90,6 @@ STAGE12_FIELDS = ("seed", "image_size", "patch_size", "vision_hidden", "vision_l
 
 def reading_curriculum_from_dict(d: dict[str, Any]) -> ReadingCurriculum:
     """Inverse of ``asdict`` for :class:`ReadingCurriculum` (cards store it as JSON)."""
-    from ..data.signs import SignLayout
-    from .reading import ReadingStage
-
     d = dict(d)
     d["stages"] = tuple(ReadingStage(**s) for s in d.get("stages", ()))
     if isinstance(d.get("layout"), dict):
@@ -162,8 +161,6 @@ def seed_stage2(recipe: TinyRecipe, folder: str | Path, work: Path) -> None:
         raise InputError(f"{folder} was trained with other stage-1/2 settings ({', '.join(differ)}); cannot reuse it")
     if (work / "stage2.safetensors").is_file():
         return
-    from ..models.loading import load_hf
-
     loaded = load_hf(folder, device="cpu")[0]
     state = loaded.state_dict()
     model, _ = make_tiny_model(recipe)
