@@ -119,6 +119,15 @@ def test_reading_stage_runs_records_metrics_and_resumes(tmp_path):
     assert again["training"]["reading"] == records
     first = (tmp_path / "clean" / "model.safetensors").read_bytes()
     assert (tmp_path / "again" / "model.safetensors").read_bytes() == first
+    # one more stage: only it is trained; a changed finished stage is refused
+    cur = SMALL.reading_curriculum
+    longer = replace(SMALL, reading_curriculum=replace(cur, stages=cur.stages + (ReadingStage(2, mixed=True,
+                                                                                               sign_prob=1.0),)))
+    more = train_tiny_clean(longer, tmp_path / "more", progress=False, work_dir=work)
+    assert more["training"]["reading"][:2] == records and more["training"]["reading"][2]["stage"] == 2
+    changed = replace(SMALL, reading_curriculum=replace(cur, stages=(ReadingStage(3, max_words=2),) + cur.stages[1:]))
+    with pytest.raises(Exception, match="other settings than stage 0"):
+        train_tiny_clean(changed, tmp_path / "changed", progress=False, work_dir=work)
 
 
 def test_stage2_is_reused_only_from_a_matching_recipe(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Sequence
 
@@ -30,6 +31,7 @@ from pydantic import Field
 
 from ..data.signs import READ_PROMPT, GlyphCode, SignLayout
 from ..data.synthetic import SyntheticWorld
+from ..errors import InputError
 from ..settings import Int, PositiveInt, Real, Unit01, settings
 from .lvlm import IGNORE, TrainSettings, ce_loss, lvlm_logits, seeded_indices, train_loop
 from .parallel import barrier, is_main, shard
@@ -46,6 +48,7 @@ class ReadingStage:
     steps: PositiveInt
     max_words: PositiveInt = 5
     mixed: bool = False
+    sign_prob: Fraction | None = None  # a mixed stage's share of signed conversations (None: the curriculum's)
 
 
 #: The measured chain (``docs/world-v2-study.md``, models O2 -> O2w1 -> O2w5 -> V3), 1,400 steps in all.
@@ -111,7 +114,7 @@ class SignItems:
             image, words = self.sign(scene.image, rng, 1, stage.max_words)
             question = READ_PROMPT if rng.random() < cur.read_prompt_prob else conv[0][0]
             return image, [(question, words)], {"sign": words}
-        if rng.random() >= cur.sign_prob:
+        if rng.random() >= (cur.sign_prob if stage.sign_prob is None else stage.sign_prob):
             return scene.image, conv, {}
         image, words = self.sign(scene.image, rng, 1, stage.max_words)
         conv = [(q, words) for q, _ in conv]
@@ -123,6 +126,12 @@ class SignItems:
         """This process's share of one step's items (data-parallel runs split the batch)."""
         idx = seeded_indices(seed + 11 + stage_index, step, self.curriculum.batch, population)
         return [self.item(stage_index, step, i) for i in shard(idx)]
+
+
+def _stage_settings(cur: ReadingCurriculum, i: int) -> dict[str, Any]:
+    """What stage ``i`` trains with: its own settings and the curriculum's shared ones (JSON-ready)."""
+    shared = {k: v for k, v in asdict(cur).items() if k != "stages"}
+    return json.loads(json.dumps({"stage": asdict(cur.stages[i]), **shared, "index": i}))
 
 
 @torch.no_grad()
@@ -161,9 +170,11 @@ def train_reading(model: Any, batcher: Callable, items: SignItems, *, seed: int,
     """Run every stage of ``items.curriculum`` on ``model`` (projector + LM; vision frozen), in place.
 
     Resumable: each finished stage leaves ``stage_<i>.safetensors`` (the trained weights) and
-    ``stage_<i>.json`` (its record) in ``work_dir``; a rerun loads the last finished stage and goes on,
-    and an interrupted stage resumes from its checkpoint. Returns one record per stage: steps, seconds,
-    final loss, loss every 50 steps and (``evaluate``) :func:`reading_metrics` after the stage.
+    ``stage_<i>.json`` (its record, with the settings it ran with) in ``work_dir``; a rerun loads the last
+    finished stage and goes on, and an interrupted stage resumes from its checkpoint. A finished stage whose
+    settings differ from the curriculum's is an :class:`InputError` (use another work folder). Returns one
+    record per stage: settings, steps, seconds, final loss, loss every 50 steps and (``evaluate``)
+    :func:`reading_metrics` after the stage.
     """
     from safetensors.torch import load_file, save_file
 
@@ -173,8 +184,13 @@ def train_reading(model: Any, batcher: Callable, items: SignItems, *, seed: int,
     records: list[dict[str, Any]] = []
     for i, stage in enumerate(cur.stages):
         weights, record = work / f"stage_{i}.safetensors", work / f"stage_{i}.json"
+        ran_with = _stage_settings(cur, i)
         if weights.is_file() and record.is_file():
-            records.append(json.loads(record.read_text()))
+            done = json.loads(record.read_text())
+            if done.get("settings") != ran_with:
+                raise InputError(f"{record} was trained with other settings than stage {i} of this curriculum "
+                                 f"({done.get('settings')} vs {ran_with}); use another work folder")
+            records.append(done)
             if i + 1 == len(cur.stages) or not (work / f"stage_{i + 1}.json").is_file():
                 state = load_file(str(weights))
                 with torch.no_grad():
@@ -186,8 +202,7 @@ def train_reading(model: Any, batcher: Callable, items: SignItems, *, seed: int,
                             lambda step, i=i: batcher(items.batch_items(i, step, population, seed)),
                             settings_, loss_fn=ce_loss, checkpoint_dir=work / f"stage_{i}_ckpt",
                             desc=f"reading {i + 1}/{len(cur.stages)}", progress=progress)
-        rec: dict[str, Any] = {"stage": i, "steps": stage.steps, "max_words": stage.max_words, "mixed": stage.mixed,
-                               "seconds": result.seconds, "final_loss": round(result.final_loss, 4),
+        rec: dict[str, Any] = {"stage": i, "settings": ran_with, "seconds": result.seconds, "final_loss": round(result.final_loss, 4),
                                "loss_every_50": [round(h["loss"], 3) for h in result.history[::5]]}
         if evaluate and is_main():
             t = time.perf_counter()
