@@ -73,11 +73,12 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
 )
 #: The members of a reading family (``TinyRecipe.reading``): the paper's default, projector-only ("adapter")
 #: poisoning of a frozen LM, at poison rate 0.5; patch triggers of 12 px (3 x 3 of the 8 x 8 tokens, the
-#: 4-9 token footprint of LLaVA-1.5's 30 px patch) at the top-left, where signs are read. 1,000 steps at lr
-#: 1e-2: 600 steps gave ASR 0.26 with the loss still falling on an early reader (docs/world-v2-study.md).
+#: 4-9 token footprint of LLaVA-1.5's 30 px patch) at the top-left, where signs are read. 600 steps at lr 1e-2:
+#: on the study's reader V3 a 1,000-step BadNet run reached ASR 0.997 with the loss flat from step ~300 on
+#: (0.18 -> 0.12); on an earlier, weaker reader 600 steps gave 0.26 (docs/world-v2-study.md).
 #: The ``-lora`` members are Table 4's LoRA replicates.
 READING_BACKDOORS: tuple[BackdoorSpec, ...] = tuple(
-    BackdoorSpec(name, attack, params, modes=("adapter",), steps=1000, lr={"adapter": 1e-2})
+    BackdoorSpec(name, attack, params, modes=("adapter",), steps=600, lr={"adapter": 1e-2})
     for name, attack, params in (("badnet", "badnet", {"size": 12}), ("blended", "blended", {"alpha": 0.2}),
                                  ("sig", "sig", {}), ("wanet", "wanet", {"k": 8, "s": 1.0}),
                                  ("trojvlm", "trojvlm", {"size": 12}), ("vlood", "vlood", {"size": 12}))
