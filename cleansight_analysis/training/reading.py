@@ -49,6 +49,7 @@ class ReadingStage:
     max_words: PositiveInt = 5
     mixed: bool = False
     sign_prob: Fraction | None = None  # a mixed stage's share of signed conversations (None: the curriculum's)
+    lr: Annotated[Real, Field(gt=0.0, lt=1.0, description="must be a number in (0, 1)")] | None = None  # None: the curriculum's
 
 
 #: The measured chain (``docs/world-v2-study.md``, models O2 -> O2w1 -> O2w5 -> V3), 1,400 steps in all.
@@ -197,7 +198,8 @@ def train_reading(model: Any, batcher: Callable, items: SignItems, *, seed: int,
                     for name, p in trainable.items():
                         p.copy_(state[name])
             continue
-        settings_ = TrainSettings(steps=stage.steps, batch_size=cur.batch, lr=cur.lr, seed=seed, checkpoint_every=50)
+        settings_ = TrainSettings(steps=stage.steps, batch_size=cur.batch, lr=cur.lr if stage.lr is None else stage.lr,
+                                  seed=seed, checkpoint_every=50)
         result = train_loop(model, trainable,
                             lambda step, i=i: batcher(items.batch_items(i, step, population, seed)),
                             settings_, loss_fn=ce_loss, checkpoint_dir=work / f"stage_{i}_ckpt",
