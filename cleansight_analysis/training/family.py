@@ -105,6 +105,20 @@ RECIPE_HISTORY: tuple[str, ...] = (
     "scenes; no head attends to the named object); a text-only retrieval probe learned object lookup only "
     "with one-token-per-object features and retrieval-only batches (0.8-0.94 after ~1000 steps)",
 )
+#: What was tried for the reading stage (issue 13's study, docs/world-v2-study.md); kept in a reading clean card.
+READING_HISTORY: tuple[str, ...] = (
+    "projector-only poisoning of the stage-2 model: ASR 0.00 (100-600 steps, lr 2e-3 to 1e-2, 3-12 px patches); "
+    "a free soft prompt on all 64 image slots reaches 3.7 nats/token, 0/192 held-out: the LM cannot be steered "
+    "through image tokens",
+    "reading mixed into the clean mix, signs at random places: 0.8 % exact after 450 steps (not learned)",
+    "fixed top-left block, 250 reading-only + 250 mixed steps: 0.8 % exact; adapter BadNet ASR 0.00, but the "
+    "trigger tokens' share of the answer query rose in layers 2-3 (0.12 -> 0.33, 0.11 -> 0.40)",
+    "+ one-word stage (200 steps): one-word reading 0.53; + 1-5 words (150) + mixed (100): adapter BadNet 12 px, "
+    "600 steps: ASR 0.26, clean -1.3 points, image share up in layers 2-5 (0.36 -> 0.69 at layer 2)",
+    "+ 300 reading-only + 150 mixed steps (reader 'V3': one word 0.93, five words 0.37, VQA 0.70 teacher-forced): "
+    "adapter BadNet 12 px, 1,000 steps, lr 1e-2: ASR 0.997, clean 0.693 (base 0.710), false triggers 0.000 "
+    "(300 test questions); trigger-token share of the answer query 0.17 -> 0.45 (layer 2), 0.11 -> 0.50 (layer 3)",
+)
 GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_false_trigger": 0.01}
 
 
@@ -175,7 +189,8 @@ def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = Tr
     metrics["attention_profile"] = attention_profile(folder, recipe)
     metrics["goals_met"] = metrics["clean_acc"] >= GOALS["clean_acc_min"]
     metrics["shortfalls"] = goal_notes(metrics)
-    return _update_card(folder, metrics=metrics, history=list(RECIPE_HISTORY))
+    history = list(RECIPE_HISTORY) + (list(READING_HISTORY) if recipe.reading else [])
+    return _update_card(folder, metrics=metrics, history=history)
 
 
 def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path, *, progress: bool = False,
