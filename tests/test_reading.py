@@ -72,7 +72,7 @@ def test_curriculum_settings_are_validated_and_survive_a_card():
     with pytest.raises(InputError, match="sign_prob"):
         ReadingCurriculum(sign_prob=1.5)
     cur = ReadingCurriculum()
-    assert cur.steps == 1400 and cur.stages[2].max_words == 1 and cur.stages[1].mixed
+    assert cur.steps == 1900 and cur.stages[2].max_words == 1 and cur.stages[1].mixed and cur.stages[-1].lr == 1e-3
     back = reading_curriculum_from_dict(json.loads(json.dumps(asdict(cur))))
     assert back == cur
     recipe = TinyRecipe(reading=True)
