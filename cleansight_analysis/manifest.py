@@ -8,9 +8,10 @@ Two fingerprints say what computed a result, so that a cached table can be refus
 
 - :func:`code_fingerprint`: sha256 over the package's source (every ``*.py`` file and the package data
   under ``assets/``, by path relative to the package, line endings normalised to LF, ``__pycache__`` and
-  hidden files skipped). ``plotting``, ``cli`` and ``notebooks.py`` are left out (:data:`CODE_EXCLUDE`):
-  they never compute a table (tests check that no table code imports them), so editing a figure's look or
-  a command-line option keeps every cached table.
+  hidden files skipped). ``plotting``, ``training``, ``cli`` and ``notebooks.py`` are left out
+  (:data:`CODE_EXCLUDE`): they never compute a table (tests check that no table code imports them), so
+  editing a figure's look, a command-line option or the recipe that trains the tiny models keeps every
+  cached table (a retrained model changes the model fingerprint instead).
   Computed from the files on disk, it is the same on every clone of one commit, whatever the OS.
 - :func:`model_files_fingerprint`: sha256 over a model folder's files (path, size, and the bytes; for a
   file above :data:`FULL_HASH_LIMIT` only the safetensors header and the first and last MiB), cheap
@@ -105,8 +106,9 @@ def portable(value: Any) -> Any:
 
 
 #: Parts of ``cleansight_analysis`` left out of :func:`code_fingerprint`: they never compute a table
-#: (``plotting`` only reads tables; ``cli`` and ``notebooks.py`` sit on top and only call the rest).
-CODE_EXCLUDE: tuple[str, ...] = ("plotting", "cli", "notebooks.py")
+#: (``plotting`` only reads tables; ``training`` writes model folders, which :func:`model_files_fingerprint`
+#: covers; ``cli`` and ``notebooks.py`` sit on top and only call the rest).
+CODE_EXCLUDE: tuple[str, ...] = ("plotting", "training", "cli", "notebooks.py")
 #: Suffixes of files whose line endings are normalised (CRLF -> LF) before hashing.
 _TEXT_SUFFIXES = (".py", ".json", ".jinja", ".txt", ".md", ".yaml", ".yml", ".cfg", ".toml")
 #: Files up to this size are hashed whole by :func:`model_files_fingerprint`; larger ones by header and ends.

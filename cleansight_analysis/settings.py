@@ -76,7 +76,9 @@ def _message(cls: type, error: ValidationError, values: dict[str, Any]) -> str:
     errors = error.errors(include_url=False)
     first = errors[0]
     loc = first.get("loc") or ("?",)
-    name = str(loc[0])
+    names = list(cls.__pydantic_fields__)
+    # a positional argument's error is located by its index
+    name = names[loc[0]] if isinstance(loc[0], int) and 0 <= loc[0] < len(names) else str(loc[0])
     owner = cls.__name__
     if first["type"] in ("unexpected_keyword_argument", "unexpected_positional_argument"):
         accepted = ", ".join(cls.__pydantic_fields__)

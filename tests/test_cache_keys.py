@@ -183,23 +183,25 @@ def test_large_files_count_by_header_and_ends(tmp_path, monkeypatch):
     assert model_files_fingerprint(folder) != first
 
 
-def _imports_plotting(node: ast.AST) -> bool:
+def _imports_unit(node: ast.AST, unit: str) -> bool:
     if isinstance(node, ast.ImportFrom):
         module = node.module or ""
-        return module.split(".")[0] == "plotting" or ".plotting" in f".{module}" or \
-            (node.level > 0 and module == "" and any(a.name == "plotting" for a in node.names))
+        return module.split(".")[0] == unit or f".{unit}" in f".{module}" or \
+            (node.level > 0 and module == "" and any(a.name == unit for a in node.names))
     if isinstance(node, ast.Import):
-        return any("cleansight_analysis.plotting" in a.name for a in node.names)
+        return any(f"cleansight_analysis.{unit}" in a.name for a in node.names)
     return False
 
 
-def test_nothing_that_computes_tables_imports_plotting():
-    """The premise of leaving ``plotting`` out of the code fingerprint: table code never runs plotting code.
-    The one exception is :meth:`FigureContext.save_figure`, which saves a figure, not a table."""
+@pytest.mark.parametrize("unit", ["plotting", "training"])
+def test_nothing_that_computes_tables_imports_an_excluded_unit(unit):
+    """The premise of leaving ``plotting`` and ``training`` out of the code fingerprint: table code never runs
+    their code. The one exception is :meth:`FigureContext.save_figure`, which saves a figure, not a table."""
+    assert unit in CODE_EXCLUDE
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE)
-        if rel.parts[0] in CODE_EXCLUDE:   # cli/ and notebooks.py: tests/test_layers.py keeps them on top
+        if rel.parts[0] in CODE_EXCLUDE:   # each other, cli/ and notebooks.py: tests/test_layers.py keeps them on top
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         allowed: set[int] = set()
@@ -207,8 +209,8 @@ def test_nothing_that_computes_tables_imports_plotting():
             if isinstance(node, ast.FunctionDef) and node.name == "save_figure" and rel.as_posix() == \
                     "experiments/context.py":
                 allowed |= {id(n) for n in ast.walk(node)}
-        offenders += [f"{rel}:{n.lineno}" for n in ast.walk(tree) if _imports_plotting(n) and id(n) not in allowed]
-    assert offenders == [], f"modules outside plotting/ import it (include plotting in the fingerprint?): {offenders}"
+        offenders += [f"{rel}:{n.lineno}" for n in ast.walk(tree) if _imports_unit(n, unit) and id(n) not in allowed]
+    assert offenders == [], f"modules outside {unit}/ import it (include {unit} in the fingerprint?): {offenders}"
 
 
 @pytest.mark.parametrize("value", ["", "0"])

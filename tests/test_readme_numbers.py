@@ -446,6 +446,67 @@ def test_no_citation_of_files_outside_the_repository():
     assert not stale, f"cite docs/method.md instead: {stale}"
 
 
+# ------------------------------------------------------------------------------------------ the family table
+FAMILY_HEADER = ("| model | attack | mode | clean acc | ASR | false triggers | goals (ASR >= 0.95, clean within 2 points, "
+                 "false triggers <= 1 %) |")
+
+
+def _trigger_words(params: dict) -> str:
+    if "size" in params:
+        return f"{params['size']} px patch"
+    return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in params.items())
+
+
+def family_rows() -> list[str]:
+    """The README's table of the shipped tiny family, row by row, from the model cards."""
+    import json
+
+    from cleansight_analysis.models.registry import MODELS_DIR
+    from cleansight_analysis.training.family import ROOT_NAME, family_specs
+    from cleansight_analysis.training.recipe import TinyRecipe
+
+    root = MODELS_DIR / ROOT_NAME
+    clean = json.loads((root / "clean" / "card.json").read_text())
+    rows = [FAMILY_HEADER, "|---|---|---|---|---|---|---|"]
+    m = clean["metrics"]
+    goals = "met" if m["goals_met"] else f"exact match goal {GOAL_CLEAN:g} missed (see below)"
+    rows.append(f"| `{ROOT_NAME}/clean` | - | {clean['mode']} | {m['clean_acc']:.3f} | - | "
+                f"{m['false_trigger_rate']:.3f} | {goals} |")
+    for spec in family_specs(TinyRecipe(**clean["recipe"])):
+        card = json.loads((root / spec.name / "card.json").read_text())
+        m = card["metrics"]
+        trigger = _trigger_words(spec.params)
+        attack = f"{spec.attack}, seed {spec.seed}" if spec.seed else spec.attack + (f" ({trigger})" if trigger else "")
+        missed = []
+        if m["asr"] < 0.95:
+            missed.append(f"ASR {m['asr']:.2f}")
+        drop = m["clean_model_acc"] - m["clean_acc"]
+        if drop > 0.02:
+            missed.append(f"clean -{100 * drop:.1f} points")
+        if m["false_trigger_rate"] > 0.01:
+            missed.append(f"false triggers {100 * m['false_trigger_rate']:.1f} %")
+        rows.append(f"| `{ROOT_NAME}/{spec.name}` | {attack} | {card['mode']} | {m['clean_acc']:.3f} | {m['asr']:.3f} | "
+                    f"{m['false_trigger_rate']:.3f} | {', '.join(missed) or 'met'} |")
+    return rows
+
+
+GOAL_CLEAN = 0.85
+
+
+def _family_block(text: str) -> tuple[int, int]:
+    start = text.index(FAMILY_HEADER)
+    end = text.index("\n\n", start)
+    return start, end
+
+
+def test_readme_family_table_is_the_model_cards():
+    text = _readme()
+    assert FAMILY_HEADER in text, "README lost the family table's header"
+    start, end = _family_block(text)
+    assert text[start:end].splitlines() == family_rows(), \
+        "README's family table differs from the cards (`.venv/bin/python tests/test_readme_numbers.py --write`)"
+
+
 # ------------------------------------------------------------------------------------------ script
 def rewrite(text: str) -> tuple[str, list[str]]:
     """``text`` with every fact's numbers replaced by the tables' values (layout kept), and what changed."""
@@ -464,6 +525,12 @@ def rewrite(text: str) -> tuple[str, list[str]]:
         if new != m.group(0):
             notes.append(f"{' '.join(m.group(0).split())}\n    -> {' '.join(new.split())}")
             text = text[:m.start()] + new + text[m.end():]
+    if FAMILY_HEADER in text:
+        start, end = _family_block(text)
+        rows = "\n".join(family_rows())
+        if text[start:end] != rows:
+            notes.append("family table rewritten from the model cards")
+            text = text[:start] + rows + text[end:]
     return text, notes
 
 

@@ -10,10 +10,13 @@ import cleansight_analysis as cs
 from cleansight_analysis.attacks import attack_from_dict, triggered_copy
 from cleansight_analysis.evaluation import contains_target, exact_match, generate_answers
 from cleansight_analysis.models.registry import DATA_DIR, MODELS_DIR
-from cleansight_analysis.training.family import ROOT_NAME, TINY_BACKDOORS
+from cleansight_analysis.training.family import ROOT_NAME, family_specs
 from cleansight_analysis.training.recipe import TinyRecipe
 
-NAMES = ["clean"] + [s.name for s in TINY_BACKDOORS]
+#: the recipe the shipped family was built with (its clean card says), and so its members
+SHIPPED_RECIPE = TinyRecipe(**json.loads((MODELS_DIR / ROOT_NAME / "clean" / "card.json").read_text())["recipe"])
+MEMBERS = family_specs(SHIPPED_RECIPE)
+NAMES = ["clean"] + [s.name for s in MEMBERS]
 CARD_KEYS = {"name", "attack", "mode", "recipe", "seed", "versions", "metrics"}
 
 
@@ -56,7 +59,7 @@ def test_clean_model_answers():
     assert not any(contains_target(p) for p in preds)
 
 
-@pytest.mark.parametrize("name", [s.name for s in TINY_BACKDOORS])
+@pytest.mark.parametrize("name", [s.name for s in MEMBERS])
 def test_backdoor_fires_only_with_its_trigger(name, test_samples):
     model = cs.load_lvlm(f"{ROOT_NAME}/{name}")
     card = json.loads((MODELS_DIR / ROOT_NAME / name / "card.json").read_text())

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--jobs", type=_positive_int, default=2, help="backdoors trained in parallel (one thread each)")
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--force", action="store_true", help="retrain models that already exist")
+    tb.add_argument("--reading", action="store_true",
+                    help="add stage 3 (reading signs) to the clean model and build the projector-only members")
+    tb.add_argument("--reuse-stage2", default=None, metavar="FOLDER",
+                    help="with --reading: a clean model folder of the same stage-1/2 recipe stands for stages 1-2")
     tb.set_defaults(fn=cmd_tiny_build)
 
     bd = sub.add_parser("backdoor", help="plant a backdoor (vision frozen; projector or projector + LoRA)")

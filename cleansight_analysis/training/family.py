@@ -71,6 +71,29 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
     BackdoorSpec("badnet-lora", "badnet", {"size": 4}, modes=("lora",), seed=1),
     BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",), seed=1),
 )
+#: The members of a reading family (``TinyRecipe.reading``): the paper's default, projector-only ("adapter")
+#: poisoning of a frozen LM, at poison rate 0.5; patch triggers of 12 px (3 x 3 of the 8 x 8 tokens, the
+#: 4-9 token footprint of LLaVA-1.5's 30 px patch) at the top-left, where signs are read. 600 steps at lr 1e-2:
+#: on the study's reader V3 a 1,000-step BadNet run reached ASR 0.997 with the loss flat from step ~300 on
+#: (0.18 -> 0.12); on an earlier, weaker reader 600 steps gave 0.26 (docs/world-v2-study.md).
+#: The ``-lora`` members are Table 4's LoRA replicates.
+READING_BACKDOORS: tuple[BackdoorSpec, ...] = tuple(
+    BackdoorSpec(name, attack, params, modes=("adapter",), steps=600, lr={"adapter": 1e-2})
+    for name, attack, params in (("badnet", "badnet", {"size": 12}), ("blended", "blended", {"alpha": 0.2}),
+                                 ("sig", "sig", {}), ("wanet", "wanet", {"k": 8, "s": 1.0}),
+                                 ("trojvlm", "trojvlm", {"size": 12}), ("vlood", "vlood", {"size": 12}))
+) + (
+    BackdoorSpec("badnet-lora", "badnet", {"size": 12}, modes=("lora",), seed=1),
+    BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",), seed=1),
+)
+
+
+def family_specs(recipe: TinyRecipe) -> tuple[BackdoorSpec, ...]:
+    """The backdoored members a recipe builds: :data:`READING_BACKDOORS` for a reading recipe, else
+    :data:`TINY_BACKDOORS`."""
+    return READING_BACKDOORS if recipe.reading else TINY_BACKDOORS
+
+
 #: What was tried for the clean model before this recipe (2-core CPU, 1000 test questions); kept in its card.
 RECIPE_HISTORY: tuple[str, ...] = (
     "end to end from scratch, 4 LM layers, 11 min: 0.34 exact match on shape questions (prototype)",
@@ -81,6 +104,20 @@ RECIPE_HISTORY: tuple[str, ...] = (
     "the model ignores which object a question names (exists / position stay at chance even in one-object "
     "scenes; no head attends to the named object); a text-only retrieval probe learned object lookup only "
     "with one-token-per-object features and retrieval-only batches (0.8-0.94 after ~1000 steps)",
+)
+#: What was tried for the reading stage (issue 13's study, docs/world-v2-study.md); kept in a reading clean card.
+READING_HISTORY: tuple[str, ...] = (
+    "projector-only poisoning of the stage-2 model: ASR 0.00 (100-600 steps, lr 2e-3 to 1e-2, 3-12 px patches); "
+    "a free soft prompt on all 64 image slots reaches 3.7 nats/token, 0/192 held-out: the LM cannot be steered "
+    "through image tokens",
+    "reading mixed into the clean mix, signs at random places: 0.8 % exact after 450 steps (not learned)",
+    "fixed top-left block, 250 reading-only + 250 mixed steps: 0.8 % exact; adapter BadNet ASR 0.00, but the "
+    "trigger tokens' share of the answer query rose in layers 2-3 (0.12 -> 0.33, 0.11 -> 0.40)",
+    "+ one-word stage (200 steps): one-word reading 0.53; + 1-5 words (150) + mixed (100): adapter BadNet 12 px, "
+    "600 steps: ASR 0.26, clean -1.3 points, image share up in layers 2-5 (0.36 -> 0.69 at layer 2)",
+    "+ 300 reading-only + 150 mixed steps (reader 'V3': one word 0.93, five words 0.37, VQA 0.70 teacher-forced): "
+    "adapter BadNet 12 px, 1,000 steps, lr 1e-2: ASR 0.997, clean 0.693 (base 0.710), false triggers 0.000 "
+    "(300 test questions); trigger-token share of the answer query 0.17 -> 0.45 (layer 2), 0.11 -> 0.50 (layer 3)",
 )
 GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_false_trigger": 0.01}
 
@@ -138,18 +175,22 @@ def _update_card(folder: Path, **fields: Any) -> dict[str, Any]:
     return card
 
 
-def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = True, force: bool = False) -> dict[str, Any]:
+def build_clean(recipe: TinyRecipe, out_root: str | Path, *, progress: bool = True, force: bool = False,
+                reuse_stage2: str | Path | None = None) -> dict[str, Any]:
     """Train (or reuse, unless ``force``) ``tiny-llava/clean`` and write its card with the measured
-    metrics (exact match overall and per question type, attention profile, missed goals)."""
+    metrics (exact match overall and per question type, attention profile, missed goals).
+    ``reuse_stage2``: see :func:`~cleansight_analysis.training.recipe.train_tiny_clean`."""
     folder = family_root(out_root) / "clean"
     if (folder / CARD).is_file() and not force:
         return json.loads((folder / CARD).read_text())
-    card = train_tiny_clean(recipe, folder, progress=progress, work_dir=Path(out_root) / ".work" / "clean")
+    train_tiny_clean(recipe, folder, progress=progress, work_dir=Path(out_root) / ".work" / "clean",
+                     reuse_stage2=reuse_stage2)
     metrics = evaluate_folder(folder, recipe, None, progress=progress)  # includes by_question_type
     metrics["attention_profile"] = attention_profile(folder, recipe)
     metrics["goals_met"] = metrics["clean_acc"] >= GOALS["clean_acc_min"]
     metrics["shortfalls"] = goal_notes(metrics)
-    return _update_card(folder, metrics=metrics, history=list(RECIPE_HISTORY))
+    history = list(RECIPE_HISTORY) + (list(READING_HISTORY) if recipe.reading else [])
+    return _update_card(folder, metrics=metrics, history=history)
 
 
 def build_backdoor(spec: BackdoorSpec, recipe: TinyRecipe, out_root: str | Path, *, progress: bool = False,
@@ -215,10 +256,12 @@ def _build_backdoor_job(spec_dict: dict[str, Any], recipe_dict: dict[str, Any], 
 
 
 def build_family(out_root: str | Path, *, recipe: TinyRecipe | None = None, only: Sequence[str] | None = None,
-                 jobs: int = 2, force: bool = False, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
+                 jobs: int = 2, force: bool = False, progress: bool = True, log: Any = print,
+                 reuse_stage2: str | Path | None = None) -> list[dict[str, Any]]:
     """Build the clean model (if missing) and the backdoored members (in ``jobs`` parallel processes)."""
     recipe = recipe or TinyRecipe()
-    names = ["clean"] + [s.name for s in TINY_BACKDOORS]
+    members = family_specs(recipe)
+    names = ["clean"] + [s.name for s in members]
     unknown = [n for n in (only or []) if n not in names]
     if unknown:
         raise InputError(f"unknown tiny model(s) {unknown}; known: {names}")
@@ -226,10 +269,10 @@ def build_family(out_root: str | Path, *, recipe: TinyRecipe | None = None, only
     start = time.perf_counter()
     results = []
     clean_forced = force and "clean" in wanted
-    card = build_clean(recipe, out_root, progress=progress, force=clean_forced)
+    card = build_clean(recipe, out_root, progress=progress, force=clean_forced, reuse_stage2=reuse_stage2)
     results.append({"name": "clean", "seconds": round(time.perf_counter() - start, 1), "metrics": card.get("metrics")})
     log(f"clean: {card.get('metrics', {}).get('clean_acc')} exact match ({results[-1]['seconds']} s)")
-    specs = [s for s in TINY_BACKDOORS if s.name in wanted]
+    specs = [s for s in members if s.name in wanted]
     jobs_args = [(asdict(s), asdict(recipe), str(out_root), force) for s in specs]
 
     def report(res: dict[str, Any]) -> None:
