@@ -38,6 +38,8 @@ def _one_error_line(err: str) -> str:
     (["analyze", "stealing", "--model", "tiny-llava/badnet", "--out", "FILE"], "is a file, not a folder"),
     (["analyze", "stealing", "--model", "nope", "--out", "OUT"], "--model 'nope' is neither a registered model"),
     (["figures", "--jobs", "0"], "--jobs: expected a positive integer, got '0'"),
+    (["tiny", "build", "--no-reading", "--reuse-stage2", "X", "--out", "OUT"],
+     "--reuse-stage2 cannot go with --no-reading"),
     (["figures", "--only", "zzz"], "no notebooks in"),
     (["figures", "--model", "nope"], "--model 'nope' is neither a registered model, a family"),
     (["eval-backdoor", "--model", "tiny-llava/badnet", "--n", "0"], "--n: expected a positive integer, got '0'"),

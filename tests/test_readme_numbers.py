@@ -289,7 +289,36 @@ def _literal(text: str) -> str:
         (r"\s+" if text else "")
 
 
+@lru_cache(maxsize=None)
+def clean_card() -> dict:
+    import json
+
+    return json.loads((ROOT / "data" / "models" / "tiny-llava" / "clean" / "card.json").read_text())
+
+
+def clean_model() -> dict[str, str]:
+    """The embedded world section: the clean card's per-type accuracy, attention profile, reading, timings."""
+    card = clean_card()
+    by_type = card["metrics"]["by_question_type"]
+    image = card["metrics"]["attention_profile"]["image"]
+    timings = card["training"]["timings"]
+    reading = card["training"]["reading"]
+    return {"count": f2(by_type["count"]), "background": f2(by_type["background"]), "shape": f2(by_type["shape"]),
+            "color": f2(by_type["color"]), "exists": f2(by_type["exists"]), "position": f2(by_type["position"]),
+            "img_lo": f2(min(image)), "img_hi": f2(max(image)), "mid_lo": f2(min(image[2:6])),
+            "mid_hi": f2(max(image[2:6])), "read5": f2(reading[-1]["read_max"]),
+            "clean_min": f"{timings['clean_s'] / 60:.0f}", "reading_min": f"{timings['reading_s'] / 60:.0f}"}
+
+
 FACTS: list[Fact] = [
+    # the embedded world (the clean model's card)
+    Fact("The clean model answers count ({count}) and background ({background}) questions well, shape ({shape}) "
+         "and colour ({color}) questions fairly, and \"is there a ...\" ({exists}) and left/right ({position}) "
+         "questions at chance", clean_model),
+    Fact("Its answer query spends {img_lo}-{img_hi} of its attention on image tokens ({mid_lo}-{mid_hi} in the "
+         "middle layers 2-5;", clean_model),
+    Fact("It reads five-word signs at {read5}", clean_model),
+    Fact("clean stages 1-2 {clean_min} min, reading {reading_min} min", clean_model),
     # figure gallery
     Fact("ST removes BadNet at rho = {st_rho} and text-query flattening leaves it at {text_pct} %", perturbation),
     Fact("(BadNet layer {layer}: image {img_clean_pct} -> {img_trig_pct} %)", stealing_shift),
@@ -472,14 +501,14 @@ def family_rows() -> list[str]:
     goals = "met" if m["goals_met"] else f"exact match goal {GOAL_CLEAN:g} missed (see below)"
     rows.append(f"| `{ROOT_NAME}/clean` | - | {clean['mode']} | {m['clean_acc']:.3f} | - | "
                 f"{m['false_trigger_rate']:.3f} | {goals} |")
-    for spec in family_specs(TinyRecipe(**clean["recipe"])):
+    for spec in family_specs(TinyRecipe.from_card(clean["recipe"])):
         card = json.loads((root / spec.name / "card.json").read_text())
         m = card["metrics"]
         trigger = _trigger_words(spec.params)
         attack = f"{spec.attack}, seed {spec.seed}" if spec.seed else spec.attack + (f" ({trigger})" if trigger else "")
         missed = []
         if m["asr"] < 0.95:
-            missed.append(f"ASR {m['asr']:.2f}")
+            missed.append(f"ASR {m['asr']:.3f}")
         drop = m["clean_model_acc"] - m["clean_acc"]
         if drop > 0.02:
             missed.append(f"clean -{100 * drop:.1f} points")

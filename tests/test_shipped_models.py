@@ -14,7 +14,7 @@ from cleansight_analysis.training.family import ROOT_NAME, family_specs
 from cleansight_analysis.training.recipe import TinyRecipe
 
 #: the recipe the shipped family was built with (its clean card says), and so its members
-SHIPPED_RECIPE = TinyRecipe(**json.loads((MODELS_DIR / ROOT_NAME / "clean" / "card.json").read_text())["recipe"])
+SHIPPED_RECIPE = TinyRecipe.from_card(json.loads((MODELS_DIR / ROOT_NAME / "clean" / "card.json").read_text())["recipe"])
 MEMBERS = family_specs(SHIPPED_RECIPE)
 NAMES = ["clean"] + [s.name for s in MEMBERS]
 CARD_KEYS = {"name", "attack", "mode", "recipe", "seed", "versions", "metrics"}

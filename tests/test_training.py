@@ -21,7 +21,7 @@ from cleansight_analysis.inputs.conversation import IGNORE, ConversationEncoder
 
 SMALL = TinyRecipe(vision_hidden=32, vision_layers=1, hidden=32, layers=2, heads=2, intermediate=64,
                    vision_steps=4, vision_batch=8, clean_steps=40, clean_batch=8, clean_lr=5e-3, eval_n=16,
-                   processes=1, turns=3)
+                   processes=1, turns=3, reading=False)
 LLAVA = FAMILIES["LlavaForConditionalGeneration"]
 
 

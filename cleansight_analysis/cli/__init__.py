@@ -91,16 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny", help="the embedded tiny LLaVA family")
     tsub = tiny.add_subparsers(dest="tiny_command", required=True)
-    tb = tsub.add_parser("build", help="(re)build the shipped tiny models (about 80 min on 2 CPU cores: clean model 27, backdoors 51)")
+    tb = tsub.add_parser("build", help="(re)build the shipped tiny models (about 110 min on 2 CPU cores: clean stages "
+                                       "1-2 23 min, reading 28, backdoors 40)")
     tb.add_argument("--only", nargs="*", default=None, help="names to build (clean, badnet, blended, ...)")
     tb.add_argument("--out", default=None, help="models folder (default data/models)")
     tb.add_argument("--jobs", type=_positive_int, default=2, help="backdoors trained in parallel (one thread each)")
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--force", action="store_true", help="retrain models that already exist")
-    tb.add_argument("--reading", action="store_true",
-                    help="add stage 3 (reading signs) to the clean model and build the projector-only members")
+    tb.add_argument("--no-reading", dest="reading", action="store_false",
+                    help="the pre-reading family: no stage 3, LoRA members (projector-only poisoning does not implant "
+                         "without reading)")
     tb.add_argument("--reuse-stage2", default=None, metavar="FOLDER",
-                    help="with --reading: a clean model folder of the same stage-1/2 recipe stands for stages 1-2")
+                    help="a clean model folder of the same stage-1/2 recipe stands for stages 1-2 (reading recipes)")
     tb.set_defaults(fn=cmd_tiny_build)
 
     bd = sub.add_parser("backdoor", help="plant a backdoor (vision frozen; projector or projector + LoRA)")

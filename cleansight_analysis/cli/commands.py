@@ -140,7 +140,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def cmd_tiny_build(args: argparse.Namespace) -> int:
     if args.reuse_stage2 and not args.reading:
-        raise InputError("--reuse-stage2 needs --reading (it skips stages 1-2 before the reading stage)")
+        raise InputError("--reuse-stage2 cannot go with --no-reading (it skips stages 1-2 before the reading stage)")
     build_family(args.out or MODELS_DIR, recipe=TinyRecipe(seed=args.seed, reading=args.reading), only=args.only,
                  jobs=args.jobs, force=args.force, reuse_stage2=args.reuse_stage2)
     return 0

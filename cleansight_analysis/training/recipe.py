@@ -63,12 +63,17 @@ class TinyRecipe:
     eval_n: int = 1000
     backdoor_steps: int | None = None  # overrides every backdoor spec's steps (tests use a handful)
     backdoor_train_n: int = 3000  # training pairs per backdoor (the paper: 3000)
-    reading: bool = False  # stage 3: the sign-reading curriculum (``reading_curriculum``)
+    reading: bool = True  # stage 3: the sign-reading curriculum (``reading_curriculum``); False: the pre-reading family
     reading_curriculum: ReadingCurriculum = field(default_factory=ReadingCurriculum)
 
     def __post_init__(self) -> None:
         if isinstance(self.reading_curriculum, dict):  # a recipe read back from a card
             self.reading_curriculum = reading_curriculum_from_dict(self.reading_curriculum)
+
+    @classmethod
+    def from_card(cls, recipe: dict[str, Any]) -> "TinyRecipe":
+        """The recipe a model card records (cards written before stage 3 existed have no ``reading``: False)."""
+        return cls(**{"reading": False, **recipe})
 
     def world(self) -> SyntheticWorld:
         return SyntheticWorld(self.seed, SceneConfig(size=self.image_size))
