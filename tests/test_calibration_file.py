@@ -25,7 +25,7 @@ from test_cleansight import _batch, _samples
 def fitted(llava):
     """Layers [1, 2] of the tiny random LLaVA (D = 2 x 4 = 8: feature "ratio", diagonal whitening: mu and sigma are
     the whole calibration), 10 clean samples, tau="auto", the default cross-fitted threshold."""
-    config = CleanSightConfig(layers=[1, 2], feature="ratio", whitening="diagonal")
+    config = CleanSightConfig(layers=[1, 2], feature="ratio", whitening="diagonal", tau="auto")
     return CleanSight(config=config).fit(llava, _samples(10))
 
 

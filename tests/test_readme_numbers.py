@@ -89,22 +89,28 @@ def span(layers) -> str:
 
 # ------------------------------------------------------------------------------------------ values
 def stealing_shift() -> dict[str, str]:
-    """Fig. 2 (a): image / instruction shares of the answer query, clean vs triggered, BadNet."""
+    """Fig. 2 (a): image / instruction shares of the answer query, clean vs triggered, BadNet. ``first`` and
+    ``second``: the first two layers where the triggered image share exceeds the clean one by more than 0.1;
+    both must lie before the last quarter of the LM (the paper's fusion layers)."""
     df = table("02_attention_stealing/group_shares_badnet.parquet")
     mean = df.groupby(["condition", "layer"])[["share_image", "share_prompt"]].mean()
     clean, trig = mean.loc["clean"], mean.loc["triggered"]
     shift = trig["share_image"] - clean["share_image"]
-    layer = int(shift.idxmax())
-    others = shift.drop(layer).abs().max()
+    rising = [int(layer) for layer in shift.index if shift[layer] > 0.1]
+    n_layers = int(mean.index.get_level_values(1).max()) + 1
+    quarter = n_layers - n_layers // 4
+    assert len(rising) >= 2 and rising[1] < quarter, (
+        f"the image share rises by > 0.1 in layers {rising}, not twice before layer {quarter}: reword "
+        "'Stealing starts in the middle layers' in README.md")
+    first, second, last = rising[0], rising[1], n_layers - 1
     n = single(df.groupby("condition")["sample_id"].nunique(), "group_shares_badnet scenes per condition")
-    last = int(mean.index.get_level_values(1).max())
-    assert layer == last, (f"the largest image-share shift is in layer {layer}, not the last layer {last}: reword "
-                           "'Stealing sits in the last layer' and 'in layers 0-N' in README.md")
-    return {"layer": str(layer), "prev": str(layer - 1),
-            "img_clean": f2(clean.loc[layer, "share_image"]), "img_trig": f2(trig.loc[layer, "share_image"]),
-            "img_clean_pct": pct0(clean.loc[layer, "share_image"]), "img_trig_pct": pct0(trig.loc[layer, "share_image"]),
-            "prm_clean": f2(clean.loc[layer, "share_prompt"]), "prm_trig": f2(trig.loc[layer, "share_prompt"]),
-            "other_max": ceil2(others), "n": str(n)}
+    return {"first": str(first), "second": str(second), "last": str(last), "quarter": str(quarter),
+            "c1": f2(clean.loc[first, "share_image"]), "t1": f2(trig.loc[first, "share_image"]),
+            "c1_pct": pct0(clean.loc[first, "share_image"]), "t1_pct": pct0(trig.loc[first, "share_image"]),
+            "c2": f2(clean.loc[second, "share_image"]), "t2": f2(trig.loc[second, "share_image"]),
+            "cl": f2(clean.loc[last, "share_image"]), "tl": f2(trig.loc[last, "share_image"]),
+            "p1c": f2(clean.loc[first, "share_prompt"]), "p1t": f2(trig.loc[first, "share_prompt"]),
+            "n": str(n)}
 
 
 def layerwise() -> dict[str, str]:

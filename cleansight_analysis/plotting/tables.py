@@ -283,7 +283,7 @@ def plot_adapter_lora(table: "pd.DataFrame", attempts: "pd.DataFrame | None" = N
                          f"{a['mode']} model was kept, so its rows are absent.")
     text = "\n".join(filter(None, [note, *lines]))
     n_text = _n_text(table)
-    fig.suptitle(title or "Table 4: backdoor training modes and seed replicates" + (f" ({n_text})" if n_text else ""),
+    fig.suptitle(title or "Table 4: backdoor training modes (projector-only vs LoRA)" + (f" ({n_text})" if n_text else ""),
                  fontsize=12, fontweight="bold", y=1.0)
     if text:
         fig.text(0.01, -0.01, _wrap(text, fig), fontsize=9, ha="left",

@@ -14,7 +14,7 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
         t1: long table attack x defense (columns ``attack, defense, asr, clean_utility, poisoned_utility, tpr,
             fpr, auroc, n, n_val``).
         t3: module ablation (``attack, defense`` in ``none / full / no_detection / random_pruning``).
-        t4: seed replicates (``member, defense, asr, tpr, fpr, auroc``).
+        t4: Table 4, family member x defense (``member, defense, asr, tpr, fpr, auroc``).
     Returns:
         Markdown bullets.
     """
@@ -57,9 +57,9 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
         lines.append(f"* **Table 3**: random pruning of 90 % of the image tokens: ASR {_span(rp['asr'])} at a "
                      f"cost of {_span(drop, ' points')} of clean utility; pruning every input without detection: ASR "
                      f"{_span(t3[t3['defense'] == 'no_detection']['asr'])}.")
-    reps = t4[t4["member"].astype(str).str.endswith("-lora") & (t4["defense"] == "cleansight_all_layers")]
+    reps = t4[t4["defense"] == "cleansight"]
     if len(reps):
-        lines.append("* **Table 4** (second LoRA seed, mask in every layer): " + "; ".join(
+        lines.append("* **Table 4** (projector-only members and their `-lora` replicates, CleanSight one pass): " + "; ".join(
             f"{r.member} ASR {_pct(r.asr)} (TPR {_pct(r.tpr)}, FPR {_pct(r.fpr)}, AUROC {float(r.auroc):.2f})"
             for r in reps.itertuples()) + ".")
     return "\n".join(lines)
