@@ -162,7 +162,9 @@ other clean scenes):
 
 ## Measurement
 
-Shipped tiny family, one forward pass per scene: {draws} disjoint calibration sets of {n_val} clean scenes
+The tiny family shipped before the reading stage (issue 13): LoRA backdoors on the language model, stealing
+in the last layers; the table's manifest holds those models' fingerprints. The projector-poisoned family
+shipped now separates in the middle layers (notebook 03). One forward pass per scene: {draws} disjoint calibration sets of {n_val} clean scenes
 (`synthetic_samples("calibration", ...)`), {n_clean} clean test scenes and the first {n_trig} of them with the
 trigger (`triggered_copy`). Every number is the mean over the {draws} calibration sets; `max` is the worst
 attack. AUROC: clean test vs triggered test distances (independent of `threshold_fit`). FPR / TPR at

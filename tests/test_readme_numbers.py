@@ -163,6 +163,8 @@ def perturbation() -> dict[str, str]:
             "text_asr": f2(text.loc[top, "asr"]), "base_clean": f2(text.loc[0.0, "clean_acc"]),
             "text_clean": f2(text.loc[top, "clean_acc"]), "all_asr": f2(every.loc[top, "asr"]),
             "all_clean": f2(every.loc[top, "clean_acc"]), "st_top": f2(st.set_index("intensity").loc[top, "asr"]),
+            "half_asr": f2(text.loc[0.5, "asr"]), "half_clean": f2(text.loc[0.5, "clean_acc"]),
+            "half_pct": pct0(text.loc[0.5, "asr"]), "half_clean_pct": pct0(text.loc[0.5, "clean_acc"]),
             "n": str(single(df["n"], "perturbation_sweep n"))}
 
 
@@ -178,11 +180,14 @@ def thieves() -> dict[str, str]:
 
 
 def pruning() -> dict[str, str]:
-    """Fig. 6: ASR at the calibrated tau with the all-layer mask, BadNet."""
+    """Fig. 6: BadNet's ASR with the mask from the last detection layer (oracle detector) at tau = 1e-3 (the
+    default) and at the calibrated ``tau="auto"``."""
     df = table("06_pruning_threshold/pruning_threshold.parquet")
-    row = df[(df["attack"] == "badnet") & (df["mask_scope"] == "all_layers") & df["is_auto"].astype(bool)]
-    assert len(row) == 1, row
-    return {"asr": f2(row.iloc[0]["asr"])}
+    ref = df[(df["attack"] == "badnet") & (df["mask_scope"] == "reference")]
+    fixed = ref[ref["tau"] == 1e-3]
+    auto = ref[ref["is_auto"].astype(bool)]
+    assert len(fixed) == 1 and len(auto) == 1, ref
+    return {"asr": f2(fixed.iloc[0]["asr"]), "tau_auto": f2(auto.iloc[0]["tau"]), "auto_asr": f2(auto.iloc[0]["asr"])}
 
 
 def logit_lens() -> dict[str, str]:
@@ -326,13 +331,15 @@ FACTS: list[Fact] = [
     Fact("It reads five-word signs at {read5}", clean_model),
     Fact("clean stages 1-2 {clean_min} min, reading {reading_min} min", clean_model),
     # figure gallery
-    Fact("ST removes BadNet at rho = {st_rho} and text-query flattening leaves it at {text_pct} %", perturbation),
-    Fact("(BadNet layer {layer}: image {img_clean_pct} -> {img_trig_pct} %)", stealing_shift),
+    Fact("text-query flattening removes BadNet (ASR {half_pct} % at eta = 0.5 with clean accuracy {half_clean_pct} %, "
+         "{text_pct} % at eta = 1), as in the paper; ST removes it as well (ASR 0 from rho = {st_rho})", perturbation),
+    Fact("(BadNet layer {first}: image {c1_pct} -> {t1_pct} %)", stealing_shift),
     Fact("the top thief token lands on the BadNet patch in {h1} % of triggered inputs", thieves),
     Fact("BadNet: {auroc} in layer {layer} (head average {mean})", layerwise),
     Fact("Every BadNet window that contains layer {layer} scores {lo}-{hi}", windows),
     Fact("BadNet at q = 0.99, {n_val} samples: TPR {tpr_pct} %, FPR {fpr_pct} %", detector_choice),
-    Fact("masking every layer does for BadNet (ASR {asr} at the calibrated tau)", pruning),
+    Fact("masking from the last detection layer brings BadNet's ASR to {asr} at the default tau = 1e-3; "
+         "`tau=\"auto\"` ({tau_auto} here) prunes too little and leaves {auto_asr}.", pruning),
     Fact("The poisoned curve leaves the clean one from layer {onset}", logit_lens),
     Fact("Six attacks, n = {n}: the default one-pass CleanSight", table1),
     Fact("with the all-layer mask BadNet falls to {all_asr_pct} % at unchanged clean utility ({all_cu_pct} %; the "
@@ -340,25 +347,26 @@ FACTS: list[Fact] = [
          "five attacks reach detection AUROC {others_lo}-{others_hi} but TPR <= {tpr_hi_pct} % at that threshold, so "
          "their ASR stays. ShrinkPad / ST remove most "
          "backdoors (ASR {pix_lo}-{pix_hi} %) at {cost_lo}-{cost_hi} points of clean utility", table1),
-    Fact("Zeroing L{l}H{h} removes BadNet (ASR {base} -> {abl}); patching L{pl}H{ph} restores {restored} of the "
-         "log-prob gap", heads),
+    Fact("Zeroing one head lowers BadNet's ASR at most from {base} to {abl} (L{l}H{h}); patching L{pl}H{ph} restores "
+         "{restored} of the log-prob gap", heads),
     # attention-stealing analyses
-    Fact("At the answer query ({n} test scenes, each clean and triggered) the triggered image share rises from "
-         "{img_clean} to {img_trig} in layer {layer} and the instruction share falls from {prm_clean} to {prm_trig}; "
-         "in layers 0-{prev} the image share moves by at most {other_max}.", stealing_shift),
+    Fact("At the answer query ({n} test scenes, each clean and triggered) the triggered image share rises from {c1} "
+         "to {t1} in layer {first} and from {c2} to {t2} in layer {second}, before the last quarter of the LM (layers "
+         "{quarter}-{last}), and from {cl} to {tl} in layer {last}; the instruction share falls from {p1c} to {p1t} in "
+         "layer {first}.", stealing_shift),
     Fact("Head-specific whitened distance ({n_cal} clean calibration scenes, never scored; {n_test} test scenes, "
          "each clean and triggered): AUROC {auroc} in layer {layer}", layerwise),
-    Fact("AUROC {auroc} in layer {layer}, {auroc2} in layer {layer2}, {rest_lo}-{rest_hi} elsewhere; the head-averaged ratio never exceeds {mean_max}.",
-         layerwise),
-    Fact("The head-averaged top-1 image token is the trigger's grid cell in {h1} % of triggered inputs in layer {l1} "
+    Fact("AUROC {auroc} in layer {layer}, {auroc2} in layer {layer2}, {rest_lo}-{rest_hi} elsewhere; the "
+         "head-averaged ratio scores {mean} in layer {layer}.", layerwise),
+    Fact("The head-averaged top-1 image token is one of the trigger's grid cells in {h1} % of triggered inputs in layer {l1} "
          "({h2} % in layer {l2}, {h3} % in layer {l3}; chance {chance} %; {n} scenes).", thieves),
     Fact("`attn_uniform` at eta 1 in every layer ({n} scenes): ASR {base_asr} -> {text_asr} (clean {base_clean} -> "
-         "{text_clean}). With `queries=\"all\"` (image queries too): ASR {all_asr}, clean {all_clean}. The pixel "
-         "transform `st` at full intensity: ASR {st_top}.", perturbation),
+         "{text_clean}); at eta 0.5: ASR {half_asr}, clean {half_clean}. With `queries=\"all\"` (image queries too): "
+         "ASR {all_asr}, clean {all_clean}. The pixel transform `st` at full intensity: ASR {st_top}.", perturbation),
     Fact("Pixel purifiers at intensity 0.7 (Table 1): `st` ASR {st7}, `shrinkpad` {sp7}, `jpeg` {jpeg7}, `blur` {blur7}",
          table1),
     Fact("Zero-ablating head L{l}H{h} (on `hook_z`) takes ASR from {base} to {abl} with clean accuracy {clean_base} -> "
-         "{clean_abl} ({n} scenes)", heads),
+         "{clean_abl} ({n} scenes), the largest drop of any head", heads),
     Fact("Patching head L{pl}H{ph}'s `hook_z` from triggered into clean runs restores {restored_pct} % of the target's "
          "first-token log-prob gap.", heads),
     Fact("The logit lens separates clean and triggered runs from layer {onset} on (p(correct) - p(target): {c_on} vs "
@@ -390,28 +398,14 @@ class Claim:
     holds: Callable[[], bool]
 
 
-def _only_one_head_lowers_asr() -> bool:
+def _no_single_head_removes_it() -> bool:
     ab = table("09_per_head_ablation/head_ablation.parquet")
     base = float(ab[ab["kind"] == "baseline"].iloc[0]["asr"])
-    return int((ab[ab["kind"] == "ablate"]["asr"] < base).sum()) == 1
-
-
-def _one_pass_leaves_asr() -> bool:
-    df = table("08_defense_tables/table1_attack_defense.parquet").set_index(["attack", "defense"])["asr"]
-    return all(df[(a, "cleansight")] == df[(a, "none")] for a in df.index.get_level_values(0).unique())
-
-
-def _reference_mask_keeps_asr_at_1e3() -> bool:
-    df = table("06_pruning_threshold/pruning_threshold.parquet")
-    row = df[(df["attack"] == "badnet") & (df["mask_scope"] == "reference") & (df["tau"] == 1e-3)]
-    return len(row) == 1 and float(row.iloc[0]["asr"]) > 0
+    return float(ab[ab["kind"] == "ablate"]["asr"].min()) > 0.25 * base
 
 
 CLAIMS: list[Claim] = [
-    Claim("no other single head lowers ASR", _only_one_head_lowers_asr),
-    Claim("the default one-pass CleanSight leaves every ASR unchanged", _one_pass_leaves_asr),
-    Claim("Masking from the last detection layer does not bring ASR to 0 by tau = 1e-3 here",
-          _reference_mask_keeps_asr_at_1e3),
+    Claim("no single head removes it", _no_single_head_removes_it),
 ]
 
 

@@ -8,8 +8,8 @@ masks many image tokens (the backdoor should die, and so may the answer); ``tau 
 
 The sweep runs the fitted CleanSight defense's own one-pass pruning
 (:func:`cleansight_analysis.evaluation.sweeps.tau_sweep` with ``defense=``), so ``l_e`` and the
-``mask_scope`` are the defense's. Its calibrated ``tau`` (``tau="auto"``, the default) is swept too and
-marked in the table (``is_auto``).
+``mask_scope`` are the defense's. The fit uses ``tau="auto"``, so its calibrated ``tau`` is swept too and
+marked in the table (``is_auto``); the default ``tau`` (1e-3) is one of :data:`DEFAULT_TAUS`.
 """
 
 from __future__ import annotations
@@ -123,8 +123,8 @@ def pruning_threshold_table(ctx: "FigureContext", *, taus: Sequence[float] = DEF
                             max_new_tokens: int = 12, batch_size: int = 64) -> "pd.DataFrame":
     """Fig. 6 table: ASR, poisoned utility and pruned share vs tau, per attack (oracle detector), cached.
 
-    For each attack: the backdoored model is loaded, CleanSight (default settings: ``layers="auto"``,
-    ``tau="auto"``) is fitted on ``ctx.count(n_val)`` clean calibration samples, and the triggered copies of
+    For each attack: the backdoored model is loaded, CleanSight (default settings, ``layers="auto"``, but
+    ``tau="auto"`` so that the calibrated tau is marked) is fitted on ``ctx.count(n_val)`` clean calibration samples, and the triggered copies of
     ``ctx.count()`` test samples are answered with every tau (plus the calibrated one) and every mask
     scope that ``mask_scopes`` asks for that attack. Smoke runs sweep the first attack only (each attack
     loads its own model) and only the smallest and largest tau (plus the calibrated one).
@@ -155,7 +155,7 @@ def pruning_threshold_table(ctx: "FigureContext", *, taus: Sequence[float] = DEF
         parts = []
         for attack_name in plan:
             model, attack, _ = ctx.load(attack_name)
-            defense = fit_cleansight(model, val, batch_size=FIT_BATCH)
+            defense = fit_cleansight(model, val, batch_size=FIT_BATCH, tau="auto")
             tokens = mean_image_tokens(model, test, batch_size)
             for scope in plan[attack_name]:
                 part = sweep_taus(model, attack, with_mask_scope(defense, scope), test, taus=grid, seed=ctx.seed,
