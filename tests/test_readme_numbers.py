@@ -218,53 +218,34 @@ def heads() -> dict[str, str]:
             "restored_pct": pct0(top["restored"])}
 
 
+DETECTED = ("badnet", "blended", "sig", "trojvlm")  # the members whose backdoor the default detector flags
+
+
 def table1() -> dict[str, str]:
     """Table 1 (notebook 08): attacks x defenses."""
     df = table("08_defense_tables/table1_attack_defense.parquet")
     at = df.set_index(["attack", "defense"])
-    badnet_all = at.loc[("badnet", "cleansight_all_layers")]
-    cs = df[df["defense"] == "cleansight"]
-    others = cs[cs["attack"] != "badnet"]["auroc"]
+    one = df[df["defense"] == "cleansight"].set_index("attack")
+    assert set(one.index[one["tpr"] >= 0.99]) == set(DETECTED), one["tpr"]
     pix = df[df["defense"].isin(["st", "shrinkpad"])]
     cost = pix["clean_utility_undefended"] - pix["clean_utility"]
-    return {"n": str(single(df["n"], "table1 n")), "n_attacks": str(df["attack"].nunique()),
-            "all_asr_pct": pct0(badnet_all["asr"]), "all_cu_pct": pct0(badnet_all["clean_utility"]),
-            "all_asr": f2(badnet_all["asr"]),
-            "others_lo": f2(others.min()), "others_hi": f2(others.max()),
-            "badnet_tpr_pct": pct0(at.loc[("badnet", "cleansight"), "tpr"]),
-            "tpr_hi_pct": pct0(cs[cs["attack"] != "badnet"]["tpr"].max()), "fpr_hi_pct": pct0(cs["fpr"].max()),
-            "pix_lo": pct0(pix["asr"].min()), "pix_hi": pct0(pix["asr"].max()),
-            "cost_lo": pct0(cost.min()), "cost_hi": pct0(cost.max()),
-            "st7": f2(at.loc[("badnet", "st"), "asr"]), "sp7": f2(at.loc[("badnet", "shrinkpad"), "asr"]),
-            "jpeg7": f2(at.loc[("badnet", "jpeg"), "asr"]), "blur7": f2(at.loc[("badnet", "blur"), "asr"]),
-            "ent_tpr": f2(at.loc[("badnet", "attention_entropy"), "tpr"]),
-            "ent_fpr": f2(at.loc[("badnet", "attention_entropy"), "fpr"]),
-            "strip_tpr": f2(at.loc[("badnet", "strip"), "tpr"]), "scale_tpr": f2(at.loc[("badnet", "scale_up"), "tpr"])}
-
-
-def family() -> dict[str, str]:
-    """``data/results/attack_defense.parquet`` (``cleansight tables``): six attacks, two-pass CleanSight."""
-    df = table("attack_defense.parquet")
-    at = df.set_index(["attack", "defense_label"])
-    auroc = {a: f2(at.loc[(a, "cleansight"), "auroc"]) for a in df["attack"].unique()}
-    st = df[(df["defense_label"] == "st") & df["attack"].isin(["badnet", "trojvlm", "vlood", "sig"])]
-    jpeg = df[df["defense_label"] == "jpeg"]["asr"]
-    two = at.loc[("badnet", "cleansight-2pass")]
-    n = single(df["n"], "attack_defense n")
-    assert n == manifest("attack_defense.parquet")["settings"]["n_test"]
-    return {"n": str(n), **{f"auroc_{a}": v for a, v in auroc.items()},
-            "st_max": ceil2(st["asr"].max()),
-            "st_cost_lo": pct0((st["clean_utility_undefended"] - st["clean_utility"]).min()),
-            "st_cost_hi": pct0((st["clean_utility_undefended"] - st["clean_utility"]).max()),
-            "jpeg_lo": f2(jpeg.min()), "jpeg_hi": f2(jpeg.max()),
-            "two_asr": f2(two["asr"]), "two_cu": f3(two["clean_utility"]), "two_cu0": f3(two["clean_utility_undefended"]),
-            "two_pu": f2(two["poisoned_utility"]), "two_lat": f2(two["latency_ratio"])}
-
-
-def all_layer_asr_range() -> dict[str, str]:
-    """BadNet ASR with the all-layer mask, over Table 1 and the family table."""
-    values = [float(table1()["all_asr"]), float(family()["two_asr"])]
-    return {"lo": f2(min(values)), "hi": f2(max(values))}
+    cu_drop = (one["clean_utility_undefended"] - one["clean_utility"]).max()
+    out = {"n": str(single(df["n"], "table1 n")), "n_attacks": str(df["attack"].nunique()),
+           "tpr_lo_pct": pct0(one.loc[list(DETECTED), "tpr"].min()),
+           "fpr_hi_pct": pct0(one.loc[list(DETECTED), "fpr"].max()), "cu_drop": pct0(cu_drop),
+           "sig_all": pct0(at.loc[("sig", "cleansight_all_layers"), "asr"]),
+           "wanet_none": pct0(at.loc[("wanet", "none"), "asr"]),
+           "pix_lo": pct0(pix["asr"].min()), "pix_hi": pct0(pix["asr"].max()),
+           "cost_lo": pct0(cost.min()), "cost_hi": pct0(cost.max()),
+           "st7": f2(at.loc[("badnet", "st"), "asr"]), "sp7": f2(at.loc[("badnet", "shrinkpad"), "asr"]),
+           "jpeg7": f2(at.loc[("badnet", "jpeg"), "asr"]), "blur7": f2(at.loc[("badnet", "blur"), "asr"]),
+           "ent_tpr": f2(at.loc[("badnet", "attention_entropy"), "tpr"]),
+           "ent_fpr": f2(at.loc[("badnet", "attention_entropy"), "fpr"]),
+           "strip_tpr": f2(at.loc[("badnet", "strip"), "tpr"]), "scale_tpr": f2(at.loc[("badnet", "scale_up"), "tpr"])}
+    for a in DETECTED:
+        out[f"{a}_none"] = pct0(at.loc[(a, "none"), "asr"])
+        out[f"{a}_one"] = pct0(at.loc[(a, "cleansight"), "asr"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------ facts
@@ -341,12 +322,12 @@ FACTS: list[Fact] = [
     Fact("masking from the last detection layer brings BadNet's ASR to {asr} at the default tau = 1e-3; "
          "`tau=\"auto\"` ({tau_auto} here) prunes too little and leaves {auto_asr}.", pruning),
     Fact("The poisoned curve leaves the clean one from layer {onset}", logit_lens),
-    Fact("Six attacks, n = {n}: the default one-pass CleanSight", table1),
-    Fact("with the all-layer mask BadNet falls to {all_asr_pct} % at unchanged clean utility ({all_cu_pct} %; the "
-         "cross-fitted threshold flags {badnet_tpr_pct} % of its triggered inputs at FPR <= {fpr_hi_pct} %); the other "
-         "five attacks reach detection AUROC {others_lo}-{others_hi} but TPR <= {tpr_hi_pct} % at that threshold, so "
-         "their ASR stays. ShrinkPad / ST remove most "
-         "backdoors (ASR {pix_lo}-{pix_hi} %) at {cost_lo}-{cost_hi} points of clean utility", table1),
+    Fact("Six attacks, n = {n}: the default one-pass CleanSight (TPR {tpr_lo_pct} % at FPR <= {fpr_hi_pct} % on BadNet, "
+         "Blended, SIG and TrojVLM) takes ASR from {badnet_none} to {badnet_one} % on BadNet, from {blended_none} to "
+         "{blended_one} % on Blended, from {trojvlm_none} to {trojvlm_one} % on TrojVLM and from {sig_none} to {sig_one} % "
+         "on SIG ({sig_all} % with the all-layer mask), at most {cu_drop} points of clean utility", table1),
+    Fact("ShrinkPad / ST remove most backdoors (ASR {pix_lo}-{pix_hi} %) at {cost_lo}-{cost_hi} points of clean "
+         "utility", table1),
     Fact("Zeroing one head lowers BadNet's ASR at most from {base} to {abl} (L{l}H{h}); patching L{pl}H{ph} restores "
          "{restored} of the log-prob gap", heads),
     # attention-stealing analyses
@@ -375,18 +356,12 @@ FACTS: list[Fact] = [
     Fact("First measurements on `tiny-llava/badnet` ({n_val} clean calibration scenes, {n_test} test scenes, q = 0.99): "
          "detection works (AUROC {auroc}, TPR {tpr}, FPR {fpr} with the fusion-onset layers {l_first}-{l_last})",
          detector_choice),
-    Fact("gives ASR {two_asr}, clean utility {two_cu} (undefended {two_cu0}), poisoned utility {two_pu}, at {two_lat}x "
-         "latency ({n} test scenes, `data/results/attack_defense.parquet`)", family),
-    Fact("The baselines catch little here (Table 1): attention entropy TPR {ent_tpr} at FPR {ent_fpr}, STRIP "
-         "{strip_tpr} and SCALE-UP {scale_tpr}.", table1),
-    Fact("Across the family (`data/results/attack_defense.parquet`, {n} test scenes per model) only BadNet shows a "
-         "stealing signature in layers 5-7 (detection AUROC {auroc_badnet}; Blended {auroc_blended}, SIG {auroc_sig}, "
-         "WaNet {auroc_wanet}, TrojVLM {auroc_trojvlm}, VLOOD {auroc_vlood}); the `st` purifier removes every patch "
-         "attack and SIG (ASR <= {st_max}) at a cost of {st_cost_lo}-{st_cost_hi} points of clean utility; `jpeg` "
-         "leaves ASR {jpeg_lo}-{jpeg_hi}.", family),
-    # status
-    Fact("mask (`mask_scope=\"all_layers\"`) is needed (BadNet ASR {lo}-{hi}); FPR {fpr_pct} % at q = 0.99",
-         lambda: {**all_layer_asr_range(), "fpr_pct": detector_choice()["fpr_pct"]}),
+    Fact("with TPR {tpr_lo_pct} % at FPR <= {fpr_hi_pct} % on BadNet, Blended, SIG and TrojVLM it takes their ASR to "
+         "{badnet_one} %, {blended_one} %, {sig_one} % and {trojvlm_one} % (SIG: {sig_all} % with the all-layer mask) at "
+         "most {cu_drop} points below the undefended clean utility; WaNet's backdoor (ASR {wanet_none} %) is not "
+         "detected.", table1),
+    Fact("Of the input detectors (Table 1; they answer flagged inputs unchanged), attention entropy flags BadNet "
+         "(TPR {ent_tpr} at FPR {ent_fpr}), STRIP ({strip_tpr}) and SCALE-UP ({scale_tpr}) do not.", table1),
 ]
 
 
