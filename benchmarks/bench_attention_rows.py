@@ -40,25 +40,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_common import Worker, build_model, machine, paired, ratios, serve, stats  # noqa: E402 - benchmarks/ is on sys.path
+from bench_common import (Worker, build_model, machine, paired, ratios, reset_peak_rss, rss_kib,  # noqa: E402 - benchmarks/ is on sys.path
+                          serve, stats)
 
 MODES = ("hf_sdpa", "forward", "rows", "rows_full_pass", "forward_eager", "rows_eager")
 REFERENCE = "hf_sdpa"
-
-
-def _rss_kib(field: str = "VmRSS") -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def build(batch_size: int):
@@ -104,13 +90,13 @@ def serve_mode(mode: str, batch_size: int) -> None:
 
     def measure() -> dict:
         gc.collect()
-        _reset_peak()
-        before = _rss_kib("VmRSS")
+        reset_peak_rss()
+        before = rss_kib("VmRSS")
         start, cpu = time.perf_counter(), time.process_time()
         with torch.no_grad():
             out = call()
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        peak = _rss_kib("VmHWM")
+        peak = rss_kib("VmHWM")
         values = getattr(out, "values", None)
         stored = values.numel() * values.element_size() / 1024 if isinstance(values, torch.Tensor) else 0.0
         return {"cpu_s": round(cpu, 4), "wall_s": round(wall, 4), "extra_peak_mib": round((peak - before) / 1024, 1),

@@ -50,6 +50,28 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_total_mib": mem, "loadavg": load}
 
 
+def rss_kib(field: str = "VmRSS", missing: int | None = None) -> int:
+    """A ``/proc/self/status`` memory field in KiB (``VmRSS``, ``VmHWM``: the peak); ``missing`` when the
+    field or the file is absent (``None``: raise)."""
+    path = Path("/proc/self/status")
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    if missing is None:
+        raise RuntimeError(f"{field} is not in /proc/self/status")
+    return missing
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (``VmHWM``) to its current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def serve(measure: Callable[[], dict]) -> None:
     """Worker side: answer every ``run`` line on stdin with one JSON line of ``measure()``; stop at ``quit``."""
     print(json.dumps({"ready": True}), flush=True)

@@ -79,6 +79,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # bench_common.py sits next to this script
+    sys.path.insert(0, _HERE)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,18 +170,15 @@ def _sync(device) -> None:
 
 
 def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    return -1
+    from bench_common import rss_kib  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+    return rss_kib(field_name, missing=-1)
 
 
 def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    from bench_common import reset_peak_rss  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+    return reset_peak_rss()
 
 
 class Memory:

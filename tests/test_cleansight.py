@@ -263,9 +263,11 @@ def test_end_to_end_badnet(badnet):
     from cleansight_analysis.evaluation.metrics import contains_target
 
     model, calib, test, trig = badnet
-    # layer 7 separates best on this model (window of one layer, AUROC rule)
-    assert select_detection_layers(model, calib[:32], method="auroc", poisoned_samples=trig, window=1) == [7]
-    d = CleanSight(layers=[7]).fit(model, calib)  # tau="auto"
+    # the best single layer (AUROC rule) lies before the last quarter of the LM: the projector-poisoned
+    # model's stealing is in the middle layers, as the paper reports for LLaVA-1.5
+    [layer] = select_detection_layers(model, calib[:32], method="auroc", poisoned_samples=trig, window=1)
+    assert layer < model.n_layers - model.n_layers // 4
+    d = CleanSight(layers=[layer]).fit(model, calib)  # tau = 1e-3, the default
     assert np.mean(d.calibration.clean_distances > d.gamma) <= 0.02  # in-sample: at most 1 - quantile (+1 sample)
     bc, bt = _batch(model, test), _batch(model, trig)
     plain = model.generate(bt, max_new_tokens=8)
@@ -282,6 +284,7 @@ def test_end_to_end_badnet(badnet):
         for i in (~ot.flags).nonzero().squeeze(-1).tolist():
             assert ot.texts[i] == plain.texts[i]
         assert res[scope]["TPR"] > res[scope]["FPR"] and res[scope]["AUROC"] > 0.75
-    assert res["all_layers"]["ASR"] < asr_plain  # masking Omega in every layer removes the backdoor
-    print(f"\nbadnet end-to-end (64 calib, 32+32 test, layers [7], tau auto={d.calibration.tau:.3g}): "
+    for scope in res:  # masking Omega (one pass from the detection layer, or every layer) removes the backdoor
+        assert res[scope]["ASR"] <= 0.25 * asr_plain, res
+    print(f"\nbadnet end-to-end (64 calib, 32+32 test, layers [{layer}], tau={d.calibration.tau:.3g}): "
           f"undefended ASR {asr_plain:.3f}; {res}")

@@ -96,7 +96,7 @@ def test_eval_backdoor_keeps_the_cards_trigger_and_says_which(tmp_path, capsys):
                               "--location", "top-left", "--n", "4", "--json", str(out)], capsys)
     assert code == 0, err
     report = json.loads(out.read_text())
-    assert report["attack"]["size"] == 4            # the model's own 4 px patch, not the preset's 3 px
+    assert report["attack"]["size"] == 12           # the model's own 12 px patch, not the preset's 3 px
     assert report["attack"]["location"] == "top-left"
     assert "trigger:" in err and "from the model card, with location from the command line" in err
     assert json.loads(stdout) == report

@@ -245,15 +245,15 @@ def test_validation_counts_and_smoke_defense_settings(tmp_path):
         T.defense_grid(full, defenses={"none": "none"})                     # Table 4 needs CleanSight columns
 
 
-def test_training_attempts_explain_the_missing_adapter_rows(tmp_path):
+def test_training_attempts_list_every_members_modes(tmp_path):
+    """The shipped family: badnet is projector-only ("adapter"), its replicate badnet-lora is LoRA; each kept."""
     from cleansight_analysis.experiments import FigureContext
     from cleansight_analysis.experiments import tables as T
 
     ctx = FigureContext(model="tiny-llava", attacks=["badnet"], results_dir=tmp_path)
     att = T.training_attempts_table(ctx, attacks=("badnet",))
-    adapter = att[att["mode"] == "adapter"]
-    assert list(adapter["member"]) == ["badnet"] and not adapter["kept"].any() and (adapter["asr"] == 0).all()
-    assert att[att["mode"] == "lora"]["kept"].all()
+    assert dict(zip(att["member"], att["mode"])) == {"badnet": "adapter", "badnet-lora": "lora"}
+    assert att["kept"].all() and (att["asr"] >= 0.95).all()
 
 
 def test_defense_grid_loads_each_member_once_and_shares_rows(tmp_path, llava, monkeypatch):
@@ -384,7 +384,7 @@ def test_defense_summary_is_written_from_the_tables():
     t1 = pd.DataFrame(rows)
     t3 = pd.DataFrame({"attack": ["badnet"] * 2, "defense": ["none", "random_pruning"], "asr": [1.0, 0.1],
                        "clean_utility": [0.8, 0.7]})
-    t4 = pd.DataFrame({"member": ["badnet-lora"], "defense": ["cleansight_all_layers"], "asr": [0.2], "tpr": [0.9],
+    t4 = pd.DataFrame({"member": ["badnet-lora"], "defense": ["cleansight"], "asr": [0.2], "tpr": [0.9],
                        "fpr": [0.02], "auroc": [0.99]})
     text = defense_tables_summary(t1, t3, t4)
     assert "n = 48" in text and "64 clean calibration" in text

@@ -86,7 +86,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _delta_copy(tmp_path: Path, name: str = "badnet") -> Path:
+def _delta_copy(tmp_path: Path, name: str = "badnet-lora") -> Path:
     """A shipped delta folder (delta.safetensors + LoRA adapter) whose card points at the shipped clean model."""
     folder = _copy(SHIPPED / name, tmp_path / name)
     card = json.loads((folder / "card.json").read_text())
