@@ -139,3 +139,5 @@ def test_stage2_is_reused_only_from_a_matching_recipe(tmp_path):
     assert card["training"]["reading"] and card["training"]["clean_final_loss"] is not None
     with pytest.raises(InputError, match="clean_steps"):
         seed_stage2(replace(SMALL, clean_steps=5), tmp_path / "clean", tmp_path / "w2")
+    with pytest.raises(InputError, match="not a tiny clean model folder"):
+        seed_stage2(SMALL, tmp_path / "nowhere", tmp_path / "w3")

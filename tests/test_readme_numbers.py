@@ -466,14 +466,14 @@ def family_rows() -> list[str]:
     import json
 
     from cleansight_analysis.models.registry import MODELS_DIR
-    from cleansight_analysis.training.family import ROOT_NAME, family_specs
+    from cleansight_analysis.training.family import GOALS, ROOT_NAME, family_specs
     from cleansight_analysis.training.recipe import TinyRecipe
 
     root = MODELS_DIR / ROOT_NAME
     clean = json.loads((root / "clean" / "card.json").read_text())
     rows = [FAMILY_HEADER, "|---|---|---|---|---|---|---|"]
     m = clean["metrics"]
-    goals = "met" if m["goals_met"] else f"exact match goal {GOAL_CLEAN:g} missed (see below)"
+    goals = "met" if m["goals_met"] else f"exact match goal {GOALS['clean_acc_min']:g} missed (see below)"
     rows.append(f"| `{ROOT_NAME}/clean` | - | {clean['mode']} | {m['clean_acc']:.3f} | - | "
                 f"{m['false_trigger_rate']:.3f} | {goals} |")
     for spec in family_specs(TinyRecipe.from_card(clean["recipe"])):
@@ -482,19 +482,16 @@ def family_rows() -> list[str]:
         trigger = _trigger_words(spec.params)
         attack = f"{spec.attack}, seed {spec.seed}" if spec.seed else spec.attack + (f" ({trigger})" if trigger else "")
         missed = []
-        if m["asr"] < 0.95:
+        if m["asr"] < GOALS["asr_min"]:
             missed.append(f"ASR {m['asr']:.3f}")
         drop = m["clean_model_acc"] - m["clean_acc"]
-        if drop > 0.02:
+        if drop > GOALS["max_clean_drop"]:
             missed.append(f"clean -{100 * drop:.1f} points")
-        if m["false_trigger_rate"] > 0.01:
+        if m["false_trigger_rate"] > GOALS["max_false_trigger"]:
             missed.append(f"false triggers {100 * m['false_trigger_rate']:.1f} %")
         rows.append(f"| `{ROOT_NAME}/{spec.name}` | {attack} | {card['mode']} | {m['clean_acc']:.3f} | {m['asr']:.3f} | "
                     f"{m['false_trigger_rate']:.3f} | {', '.join(missed) or 'met'} |")
     return rows
-
-
-GOAL_CLEAN = 0.85
 
 
 def _family_block(text: str) -> tuple[int, int]:

@@ -158,8 +158,12 @@ def seed_stage2(recipe: TinyRecipe, folder: str | Path, work: Path) -> None:
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    card = json.loads((folder / CARD).read_text())
-    theirs = card.get("recipe", {})
+    try:
+        card = json.loads((folder / CARD).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"reuse_stage2: {folder} is not a tiny clean model folder (no readable {CARD}: "
+                         f"{type(exc).__name__})") from None
+    theirs = card.get("recipe", {}) if isinstance(card, dict) else {}
     ours = asdict(recipe)
     differ = [k for k in STAGE12_FIELDS if theirs.get(k) != ours[k]]
     if differ:
