@@ -295,11 +295,17 @@ def clean_model() -> dict[str, str]:
     image = card["metrics"]["attention_profile"]["image"]
     timings = card["training"]["timings"]
     reading = card["training"]["reading"]
+    import json
+
+    members = [p for p in (ROOT / "data" / "models" / "tiny-llava").iterdir() if p.name != "clean"]
+    backdoor_s = sum(json.loads((p / "card.json").read_text())["training"]["seconds"] for p in members)
     return {"count": f2(by_type["count"]), "background": f2(by_type["background"]), "shape": f2(by_type["shape"]),
             "color": f2(by_type["color"]), "exists": f2(by_type["exists"]), "position": f2(by_type["position"]),
             "img_lo": f2(min(image)), "img_hi": f2(max(image)), "mid_lo": f2(min(image[2:6])),
             "mid_hi": f2(max(image[2:6])), "read5": f2(reading[-1]["read_max"]),
-            "clean_min": f"{timings['clean_s'] / 60:.0f}", "reading_min": f"{timings['reading_s'] / 60:.0f}"}
+            "clean_min": f"{timings['clean_s'] / 60:.0f}", "reading_min": f"{timings['reading_s'] / 60:.0f}",
+            "backdoor_min": f"{backdoor_s / 60:.0f}",
+            "total_min": f"{round((timings['clean_s'] + timings['reading_s'] + backdoor_s / 2) / 600) * 10:.0f}"}
 
 
 FACTS: list[Fact] = [
@@ -310,7 +316,9 @@ FACTS: list[Fact] = [
     Fact("Its answer query spends {img_lo}-{img_hi} of its attention on image tokens ({mid_lo}-{mid_hi} in the "
          "middle layers 2-5;", clean_model),
     Fact("It reads five-word signs at {read5}", clean_model),
-    Fact("clean stages 1-2 {clean_min} min, reading {reading_min} min", clean_model),
+    Fact("Building the family takes about {total_min} min on 2 CPU cores (`cleansight tiny build`; the cards record "
+         "clean stages 1-2 {clean_min} min, reading {reading_min} min and {backdoor_min} min of backdoor training, "
+         "run two at a time", clean_model),
     # figure gallery
     Fact("text-query flattening removes BadNet (ASR {half_pct} % at eta = 0.5 with clean accuracy {half_clean_pct} %, "
          "{text_pct} % at eta = 1), as in the paper; ST removes it as well (ASR 0 from rho = {st_rho})", perturbation),
