@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cleansight_analysis.evaluation import distributed
+from cleansight_analysis import distributed
 from cleansight_analysis.evaluation import runner as R
 
 pytest.importorskip("accelerate")
@@ -26,7 +26,8 @@ pytest.importorskip("accelerate")
 ROOT = Path(__file__).resolve().parents[1]
 #: Columns that are wall times (or made from them) or say how the run was made: not compared.
 TIMING = {"latency_ratio", "seconds_defended", "seconds_undefended", "fit_seconds", "processes"}
-EVALUATE = ["evaluate", "--model", "tiny-llava/badnet", "--defense", "cleansight", "--n", "10", "--val", "16",
+#: 40 calibration scenes are 3 of CleanSight's calibration batches (16): the shared-out fit is uneven too.
+EVALUATE = ["evaluate", "--model", "tiny-llava/badnet", "--defense", "cleansight", "--n", "10", "--val", "40",
             "--batch-size", "2", "--max-new-tokens", "6"]
 
 
@@ -67,6 +68,7 @@ def test_two_processes_give_the_one_process_row(tmp_path):
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert "processes" not in a and b["processes"] == 2
     assert _numbers(a) == _numbers(b)  # exactly: answers, flags, scores and pruned counts in sample order
+    assert a["defense"]["gamma"] == b["defense"]["gamma"]  # the shared-out calibration is the same fit
     assert a["n"] == 10 and a["tpr"] == a["tpr"]  # a detector row with real numbers
     assert launched.stdout.count('"asr"') == 1  # only the main process prints the row
 
@@ -78,6 +80,65 @@ def test_not_launched_runs_every_batch_in_process(monkeypatch):
     assert distributed.my_batches(7, 2) == [0, 2, 4, 6]
     assert distributed.gather({"x": 1}) == [{"x": 1}]
     distributed.barrier()
+
+
+def test_map_batches_runs_everything_here_unless_shared_and_launched(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    seen = []
+
+    def fn(start):
+        seen.append(start)
+        return start * 10
+
+    with distributed.shared_work():  # not launched: still every batch, here
+        assert not distributed.sharing()
+        assert distributed.map_batches(fn, 7, 2) == [0, 20, 40, 60] and seen == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_map_batches_shares_out_and_restores_batch_order(monkeypatch, rank):
+    """Two ranks as accelerate would split them: rank 0 computes [0, 2], rank 1 [4, 6]; all get every result."""
+    shares = {0: [0, 2], 1: [4, 6]}
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(distributed, "my_batches", lambda n, b: shares[rank])
+    monkeypatch.setattr(distributed, "is_main", lambda: rank == 0)
+    monkeypatch.setattr(distributed, "gather", lambda local: [[s * 10 for s in shares[r]] if r != rank else local
+                                                              for r in (0, 1)])
+    seen = []
+
+    def fn(start):
+        seen.append(start)
+        return start * 10
+
+    assert distributed.map_batches(fn, 7, 2) == [0, 20, 40, 60] and seen == [0, 2, 4, 6]  # outside: all here
+    seen.clear()
+    with distributed.shared_work():
+        with distributed.shared_work():  # nested blocks are fine
+            assert distributed.map_batches(fn, 7, 2) == [0, 20, 40, 60]
+        assert distributed.sharing()
+    assert seen == shares[rank] and not distributed.sharing()
+
+
+def test_fusion_onset_profile_goes_through_map_batches_in_batch_order(monkeypatch):
+    """The layer choice computes per batch through map_batches (so a launched fit shares it out) and adds the
+    per-batch sums in batch order: shares computed in another order give the same bits."""
+    import cleansight_analysis as cs
+    from cleansight_analysis.defenses.layers import fusion_onset_profile
+
+    model = cs.load_lvlm("tiny-llava/badnet")
+    samples = R.synthetic_samples("calibration", 5, 0)
+    whole = fusion_onset_profile(model, samples, batch_size=2)
+    calls = []
+
+    def split(fn, n, batch_size, **kw):
+        calls.append((n, batch_size))
+        starts = list(range(0, n, batch_size))
+        second = [fn(s) for s in starts[2:]]  # "rank 1" finishes first
+        first = [fn(s) for s in starts[:2]]   # "rank 0"
+        return first + second                 # gathered in rank order = batch order
+
+    monkeypatch.setattr(distributed, "map_batches", split)
+    assert np.array_equal(fusion_onset_profile(model, samples, batch_size=2), whole) and calls == [(5, 2)]
 
 
 def test_not_launched_imports_no_accelerate():

@@ -16,6 +16,13 @@ from cleansight_analysis.plotting import perturbation as pp
 from cleansight_analysis.plotting import stealing as ps
 
 
+class FakeLVLM:
+    """An 8-layer model as far as layer checking goes."""
+
+    def check_layers(self, layers):
+        return [int(x) % 8 for x in layers]
+
+
 class FakeCtx:
     """Just what the experiment functions use, with a pass-through cache that records its calls."""
 
@@ -27,7 +34,7 @@ class FakeCtx:
         return self.n
 
     def load(self, attack):
-        return object(), f"attack:{attack}", {}
+        return FakeLVLM(), f"attack:{attack}", {}
 
     def samples(self, split="test", n=None):
         return [f"s{i}" for i in range(n or self.n)]
@@ -117,7 +124,7 @@ def test_sweep_intensities_smoke_default_and_validation():
 
 
 def test_perturbation_table_shares_one_baseline_and_routes_settings(monkeypatch):
-    calls = []
+    calls, chosen = [], []
 
     def fake_sweep(model, samples, attack, kinds, points, **kw):
         calls.append((kinds[0], sorted(points), dict(kw)))
@@ -126,20 +133,36 @@ def test_perturbation_table_shares_one_baseline_and_routes_settings(monkeypatch)
                  "n": len(samples)} for p in sorted(points)]
         return pd.DataFrame(rows)
 
+    def fake_choose(self, model, samples):
+        chosen.append(list(samples))
+        return [5, 6, -1], "fusion_onset"
+
     monkeypatch.setattr(xp, "perturbation_sweep", fake_sweep)  # the name experiments.perturbation calls
+    monkeypatch.setattr(xp.CleanSight, "choose_layers", fake_choose)
     ctx = FakeCtx(n=4, seed=7)
     table = xp.perturbation_table(ctx, "badnet", [0.0, 0.5, 1.0])
     assert list(table.columns) == list(xp.PERTURBATION_COLUMNS)
+    labels = [v[0] for v in xp.DEFAULT_VARIANTS]
+    assert [c[0] for c in calls] == [v[1] for v in xp.DEFAULT_VARIANTS]
     # the baseline is measured once (by the first variant) and repeated for every variant
-    assert [sorted(c[1]) for c in calls] == [[0.0, 0.5, 1.0], [0.5, 1.0], [0.5, 1.0]]
-    assert calls[0][2]["seed"] == 7 and "queries" not in calls[0][2]
-    assert calls[1][2]["queries"] == "text" and calls[2][2]["queries"] == "all"
-    assert len(table) == 3 * 3
+    assert [sorted(c[1]) for c in calls] == [[0.0, 0.5, 1.0]] + [[0.5, 1.0]] * (len(labels) - 1)
+    pixel = [c for c in calls if c[0] in ("st", "noise", "jpeg")]
+    assert len(pixel) == 3 and all(c[2]["seed"] == 7 and "queries" not in c[2] for c in pixel)
+    by_label = dict(zip(labels, calls))
+    assert by_label["attention, text queries (paper)"][2] == {"queries": "text", "max_new_tokens": 12,
+                                                              "batch_size": 32, "progress": True}
+    assert by_label["attention, all queries (ours)"][2]["queries"] == "all"
+    # the detection layers are chosen once, by CleanSight's own rule, on the calibration split
+    assert by_label["attention, detection layers"][2]["layers"] == [5, 6, -1] and len(chosen) == 1
+    assert len(table) == len(labels) * 3
     base = table[table["intensity"] == 0.0]
-    assert len(base) == 3 and (base["asr"] == 1.0).all() and (base["kind"] == "none").all()
+    assert len(base) == len(labels) and (base["asr"] == 1.0).all() and (base["kind"] == "none").all()
     ours = table[(table["variant"] == "attention, all queries (ours)") & (table["intensity"] == 1.0)]
     assert ours["asr"].item() == pytest.approx(0.1) and ours["queries"].item() == "all"
     assert set(table.loc[table["variant"] == "pixel ST", "queries"]) == {"-"}
+    layers = table.groupby("variant")["layers"].agg(set).to_dict()
+    assert layers["attention, detection layers"] == {"5,6,7"} and layers["attention, all queries (ours)"] == {"all"}
+    assert layers["pixel JPEG"] == {"-"}
     name, params = ctx.cache_calls[0]
     assert name == "perturbation_sweep_badnet" and params["intensities"] == [0.0, 0.5, 1.0] and params["n"] == 4
 

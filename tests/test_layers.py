@@ -59,6 +59,7 @@ FACADE = "<facade>"
 #: unit -> rank (see the module docstring). Equal ranks are siblings.
 RANKS: dict[str, float] = {
     "errors": 0.0, "_runtime": 0.1, "registry": 0.1, "settings": 0.1, "manifest": 0.2, "results": 0.3,
+    "distributed": 0.3,
     "data": 1.0, "inputs": 1.0, "attacks": 1.1,
     "models": 2.0, "detection": 2.1,
     "attention": 3.0, "interventions": 3.0,

@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import load_lvlm
+from .. import distributed, load_lvlm
 from ..attacks import ATTACKS, attack_from_dict, get_attack
 from ..data.real import load_dataset_folder
 from ..data.synthetic import SyntheticWorld
-from ..evaluation import distributed
 from ..errors import AttackError, InputError, ModelSourceError, OutputExistsError
 from ..models.loading import read_card
 from ..models.registry import lookup, registered_models

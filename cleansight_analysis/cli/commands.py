@@ -9,14 +9,14 @@ from typing import Any
 
 import torch
 
-from .. import GROUP_NAMES, load_lvlm
+from .. import GROUP_NAMES, distributed, load_lvlm
 from ..attacks import triggered_copy
 from ..attention import StealingSettings, head_separability, layer_separability, stealing_tables, thief_tokens
 from ..defenses import get_defense
 from ..defenses.cleansight import CleanSight
 from ..defenses.registry import available_defenses
 from ..errors import InputError, ModelSourceError, OutputExistsError
-from ..evaluation import distributed, evaluate_backdoor
+from ..evaluation import evaluate_backdoor
 from ..evaluation.grid import attack_defense_table, wide_table
 from ..evaluation.intervention_sweeps import head_sweep, perturbation_sweep
 from ..evaluation.runner import evaluate, synthetic_samples

@@ -165,6 +165,24 @@ class CleanSight(Defense):
                             token_rows=token_rows)
 
     # ------------------------------------------------------------------ calibration
+    def choose_layers(self, model: "HookedLVLM", clean_samples: Sequence["Sample"]) -> tuple[list[int], str]:
+        """The detection layers ``fit`` uses on these clean samples, and how they were chosen.
+
+        ``config.layers == "auto"``: :func:`~cleansight_analysis.defenses.layers.select_detection_layers`
+        (fusion onset, ``config.window`` layers) on ``clean_samples``, source ``"fusion_onset"``; otherwise the
+        configured layers (normalised, ascending), source ``"given"``. Other code that needs "the layers
+        CleanSight would detect in" (e.g. Fig. 1's detection-layer flattening) calls this, so both agree.
+
+        Returns:
+            ``(layers, source)``: ascending 0-indexed LM layers and ``"fusion_onset"`` / ``"given"``.
+        """
+        cfg = self.config
+        if cfg.layers == "auto":
+            samples = check_samples(clean_samples, "CleanSight.choose_layers")
+            return (select_detection_layers(model, samples, method="fusion_onset", window=cfg.window,
+                                            batch_size=cfg.batch_size, text_keys=cfg.text_keys), "fusion_onset")
+        return sorted(set(model.check_layers(cfg.layers))), "given"
+
     def fit(self, model: "HookedLVLM", clean_samples: Sequence["Sample"]) -> "CleanSight":
         """Calibrate the whitening, ``gamma`` (per ``threshold_fit``) and ``tau`` (when ``"auto"``) on clean samples.
 
@@ -184,13 +202,7 @@ class CleanSight(Defense):
         if cfg.threshold_fit == "cross_fit" and len(samples) < 3:
             raise InputError(f"CleanSight.fit: threshold_fit='cross_fit' needs at least 3 clean samples, got "
                              f"{len(samples)}; use threshold_fit='in_sample'")
-        if cfg.layers == "auto":
-            layers = select_detection_layers(model, samples, method="fusion_onset", window=cfg.window,
-                                             batch_size=cfg.batch_size, text_keys=cfg.text_keys)
-            source = "fusion_onset"
-        else:
-            layers = sorted(set(model.check_layers(cfg.layers)))
-            source = "given"
+        layers, source = self.choose_layers(model, samples)
         settings = cfg.detector
         owner = None
         if cfg.query == "generated":

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import distributed
 from ..data.base import Sample, check_samples
 from ..detection.detector import DetectorSettings
 from ..detection.masking import key_mask_hooks
@@ -33,16 +34,12 @@ from ..detection.passes import sample_masses
 from ..detection.pruning import image_mask
 from ..detection.whitening import Whitener
 from ..errors import InputError
-from ..inputs.batch import sample_batches
+from ..inputs.batch import sample_batch
 from ..models.hooked import HookedLVLM
 
 METHODS: tuple[str, ...] = ("fusion_onset", "auroc")
 ONSET_RULES: tuple[str, ...] = ("onset", "peak")
 DIVERGENCES: tuple[str, ...] = ("kl", "l2")
-
-
-def _batches(model: "HookedLVLM", samples: Sequence["Sample"], batch_size: int):
-    return (batch for _, batch in sample_batches(model, samples, batch_size))
 
 
 def _query_logits(model: "HookedLVLM", batch: Any, hooks: list) -> torch.Tensor:
@@ -66,16 +63,20 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
             ``"l2"``: mean L2 distance of the query's logits.
 
     Returns:
-        ``[n_layers]`` float64, the mean effect per layer (``n_layers + 1`` forward passes per batch).
+        ``[n_layers]`` float64, the mean effect per layer (``n_layers + 1`` forward passes per batch; shared
+        out between launched processes inside :func:`cleansight_analysis.distributed.shared_work`).
     """
 
     samples = check_samples(samples, "fusion_onset_profile")
     if divergence not in DIVERGENCES:
         raise InputError(f"fusion_onset_profile: divergence={divergence!r} must be one of {DIVERGENCES}")
     n_layers = model.n_layers
-    total = np.zeros(n_layers)
-    for batch in _batches(model, samples, batch_size):
+
+    def one(start: int) -> np.ndarray:
+        """``[n_layers]``: the batch's summed effect per layer."""
+        batch = sample_batch(model, samples, start, batch_size)
         base = _query_logits(model, batch, [])
+        sums = np.zeros(n_layers)
         for layer in range(n_layers):
             # only the answer query's row loses the image keys, in this one layer
             hooks = key_mask_hooks(model, image_mask(batch), layers=[layer], query=batch.query_positions)
@@ -85,7 +86,14 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
                 eff = (lp.exp() * (lp - lq)).sum(-1)
             else:
                 eff = (base - blocked).norm(dim=-1)
-            total[layer] += float(eff.sum())
+            sums[layer] = float(eff.sum())
+        return sums
+
+    total = np.zeros(n_layers)
+    # inside distributed.shared_work() each launched process computes its share of the batches; the sums are
+    # added in batch order either way, so the profile is the same bits as in one process
+    for sums in distributed.map_batches(one, len(samples), batch_size):
+        total += sums
     return total / len(samples)
 
 

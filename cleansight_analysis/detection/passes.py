@@ -26,11 +26,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from tqdm.auto import tqdm
-
+from .. import distributed
 from ..data.base import Sample
 from ..errors import InputError
-from ..inputs.batch import Batch, sample_batches
+from ..inputs.batch import Batch, sample_batch
 from ..models.attention_hooks import RowsHook
 from ..models.hooked import HookedLVLM
 from ..models.hooknames import hook_attn_scores, hook_pattern
@@ -239,19 +238,21 @@ def sample_masses(model: "HookedLVLM", samples: Sequence["Sample"], layers: Sequ
     Returns:
         ``(mass [N, L, H, G] float64, peaks)``; ``peaks``: with ``token_rows``, per batch the pooled
         ``max_h alpha^{l_e,h}_{q,j}`` over every image token ``[n_image_tokens]``, else empty.
+
+    Inside :func:`cleansight_analysis.distributed.shared_work` under ``accelerate launch`` the batches are
+    shared out between the processes and every process gets the same result.
     """
 
     layers = sorted(set(model.check_layers(layers)))
-    masses, peaks = [], []
-    starts = sample_batches(model, samples, batch_size)
-    if progress:
-        starts = tqdm(starts, total=-(-len(samples) // batch_size), desc=desc, mininterval=2.0)
-    for _, batch in starts:
-        run = scoring_pass(model, batch, layers, DetectorSettings(), token_rows=token_rows)
-        masses.append(run.mass())
-        if token_rows and run.token_max is not None:
-            peaks.append(run.token_max[run.img])
-    return torch.cat(masses).numpy(), peaks
+
+    def one(start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        run = scoring_pass(model, sample_batch(model, samples, start, batch_size), layers, DetectorSettings(),
+                           token_rows=token_rows)
+        return run.mass(), (run.token_max[run.img] if token_rows and run.token_max is not None else None)
+
+    # inside distributed.shared_work() (a launched calibration) each process computes its share of the batches
+    done = distributed.map_batches(one, len(samples), batch_size, progress=progress, desc=desc)
+    return torch.cat([m for m, _ in done]).numpy(), [p for _, p in done if p is not None]
 
 
 __all__ = ["Armed", "MASK_SCOPES", "QueryPass", "batch_masses", "sample_masses", "scoring_pass"]

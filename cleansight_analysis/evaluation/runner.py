@@ -21,7 +21,7 @@ runs (computed once per model and test set) and fitted defenses (a calibration f
 handed, as a fitted copy, to every later row with the same fit settings). Reuse changes no answer, flag or
 score; only the timing columns differ.
 
-Under ``accelerate launch`` (:mod:`~cleansight_analysis.evaluation.distributed`) every process makes the same
+Under ``accelerate launch`` (:mod:`~cleansight_analysis.distributed`) every process makes the same
 calls; :func:`run_defense` runs this process's share of the batches and gathers every share, so each
 process holds the full runs and computes the same row.
 """
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..attacks import triggered_copy
 from ..data.base import Sample, check_samples
 from ..data.synthetic import synthetic_samples as world_samples
@@ -46,7 +47,6 @@ from ..defenses.ablations import AlwaysFlag
 from ..defenses.base import Defense, DefenseOutput, NoDefense
 from ..errors import InputError
 from ..models.intervention import NoIntervention
-from . import distributed
 from .scoring import mean_utility, score_runs, target_of
 
 #: Metrics of one :func:`evaluate` row.
@@ -121,7 +121,7 @@ def run_defense(model: Any, defense: Defense, samples: Sequence[Sample], *, batc
                 distribute: bool = True) -> ConditionRun:
     """``defense.prepare`` + ``defense.generate`` over ``samples`` in batches; per-sample outputs.
 
-    Under ``accelerate launch`` (:mod:`~cleansight_analysis.evaluation.distributed`) and with ``distribute``,
+    Under ``accelerate launch`` (:mod:`~cleansight_analysis.distributed`) and with ``distribute``,
     each process runs its share of the batches and the shares are gathered back in sample order: every
     process returns the full run (``seconds``: the sum over processes, the same quantity as one process's
     total). Every process must make the same call. ``distribute=False`` runs every batch here (warm-up).
@@ -248,13 +248,14 @@ def evaluate(model: Any, attack: Any, defense: Defense, *, n_test: int = 256, n_
                           else synthetic_samples("calibration", check_int(n_val, "n_val", owner), seed),
                           "val_samples", owner)
         n_val_used = len(val)
-        if cache is not None:
-            fitted = cache.fit(model, defense, val)
-            defense, fit_seconds, fit_reused = fitted.defense, fitted.seconds, fitted.reused
-        else:
-            t0 = time.perf_counter()
-            defense.fit(model, val)
-            fit_seconds = time.perf_counter() - t0
+        with distributed.shared_work():  # launched: the calibration batches are shared out, the fit is one
+            if cache is not None:
+                fitted = cache.fit(model, defense, val)
+                defense, fit_seconds, fit_reused = fitted.defense, fitted.seconds, fitted.reused
+            else:
+                t0 = time.perf_counter()
+                defense.fit(model, val)
+                fit_seconds = time.perf_counter() - t0
     triggered = triggered_copy(test, attack, seed=seed)
     baseline = NoDefense()
     run = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)

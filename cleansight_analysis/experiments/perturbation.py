@@ -6,15 +6,21 @@ image attention of the text queries (``attn_uniform``) removes it. Here every sw
 with :func:`~cleansight_analysis.evaluation.intervention_sweeps.perturbation_sweep` for three *variants*:
 
 - ``"pixel ST"``: the paper's pixel transform (``kind="st"``);
+- ``"pixel noise"`` / ``"pixel JPEG"``: additive Gaussian noise and JPEG re-encoding (``kind="noise"`` /
+  ``"jpeg"``), the two generic pixel purifiers, for contrast with the geometric ``ST``;
 - ``"attention, text queries (paper)"``: ``attn_uniform`` on text queries in every LM layer (the
   paper's reading);
+- ``"attention, detection layers"``: the same, but only in the layers CleanSight detects in
+  (:meth:`~cleansight_analysis.defenses.CleanSight.choose_layers` with the default configuration on
+  ``N_VAL`` clean calibration inputs; settings ``layers="detection"``): does flattening where the detector
+  looks suffice?
 - ``"attention, all queries (ours)"``: ``attn_uniform`` with ``queries="all"``, i.e. image-token
   queries are flattened too (this cuts the image-to-image route by which a trigger spreads into the
   other image tokens before a text query reads them).
 
 Tables (one row per observation, cached in ``ctx.results_dir``):
 
-- :func:`perturbation_table` / :func:`perturbation_tables`: ``attack, variant, kind, domain, queries,
+- :func:`perturbation_table` / :func:`perturbation_tables`: ``attack, variant, kind, domain, queries, layers,
   intensity, asr, clean_acc, poisoned_acc, n``;
 - :func:`st_thumbnail_table`: one triggered example image after ``ST`` at each intensity.
 """
@@ -26,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..attacks import triggered_copy
+from ..defenses.cleansight import CleanSight
 from ..errors import InputError
 from ..evaluation.intervention_sweeps import perturbation_sweep
 from ..inputs.images import to_rgb_image
@@ -35,15 +42,22 @@ from ..interventions.perturbations import get_perturbation, perturbation_class
 DEFAULT_INTENSITIES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 #: Intensities of a smoke run.
 SMOKE_INTENSITIES: tuple[float, ...] = (0.0, 1.0)
-#: ``(variant label, perturbation kind, settings)`` of the three curves of Fig. 1.
+#: The ``layers`` setting of an attention variant that means "CleanSight's detection layers of this model".
+DETECTION_LAYERS = "detection"
+#: Clean calibration inputs from which the detection layers are chosen (CleanSight's default calibration size).
+N_VAL = 200
+#: ``(variant label, perturbation kind, settings)`` of the curves of Fig. 1.
 DEFAULT_VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("pixel ST", "st", {}),
+    ("pixel noise", "noise", {}),
+    ("pixel JPEG", "jpeg", {}),
     ("attention, text queries (paper)", "attn_uniform", {"queries": "text"}),
+    ("attention, detection layers", "attn_uniform", {"queries": "text", "layers": DETECTION_LAYERS}),
     ("attention, all queries (ours)", "attn_uniform", {"queries": "all"}),
 )
 #: Columns of :func:`perturbation_table`, in order.
-PERTURBATION_COLUMNS: tuple[str, ...] = ("attack", "variant", "kind", "domain", "queries", "intensity", "asr",
-                                         "clean_acc", "poisoned_acc", "n")
+PERTURBATION_COLUMNS: tuple[str, ...] = ("attack", "variant", "kind", "domain", "queries", "layers", "intensity",
+                                         "asr", "clean_acc", "poisoned_acc", "n")
 #: Longest side of the thumbnails stored by :func:`st_thumbnail_table` (pixels).
 THUMBNAIL_SIDE = 160
 
@@ -89,7 +103,10 @@ def perturbation_table(ctx: Any, attack: str, intensities: Sequence[float] | Non
             (``ctx.count()`` test samples).
         attack: which backdoored model (``ctx.load(attack)``).
         intensities: sweep points in ``[0, 1]`` (see :func:`sweep_intensities`).
-        variants: ``(label, kind, settings)`` triples (default :data:`DEFAULT_VARIANTS`).
+        variants: ``(label, kind, settings)`` triples (default :data:`DEFAULT_VARIANTS`). An attention
+            variant with ``layers="detection"`` flattens only the layers the default
+            :class:`~cleansight_analysis.defenses.CleanSight` would detect in, chosen on ``ctx.count(N_VAL)``
+            clean calibration inputs of the attack's model.
         max_new_tokens, batch_size: greedy generation settings.
 
     Returns:
@@ -97,6 +114,7 @@ def perturbation_table(ctx: Any, attack: str, intensities: Sequence[float] | Non
         intensity. The intensity-0 row is measured once without any intervention (``kind="none"``)
         and repeated under every variant so that each curve starts at the same baseline. ``queries``
         is the query scope of attention variants (``"text"`` / ``"all"``) and ``"-"`` for pixel ones;
+        ``layers`` the flattened LM layers (``"all"``, or e.g. ``"5,6,7"``; ``"-"`` for pixel variants);
         ``asr`` / ``clean_acc`` / ``poisoned_acc`` are shares in ``[0, 1]`` of ``n`` samples.
     """
     levels = sweep_intensities(ctx, intensities)
@@ -109,12 +127,16 @@ def perturbation_table(ctx: Any, attack: str, intensities: Sequence[float] | Non
         lvlm, attack_obj, _ = ctx.load(attack)
         samples = ctx.samples("test", n)
         nonzero = [v for v in levels if v > 0.0]
-        frames, baseline = [], None
+        frames, baseline, detection = [], None, None
         for label, kind, settings in variants:
             settings = dict(settings)
             cls = perturbation_class(kind)
             if "seed" in cls.setting_names():
                 settings.setdefault("seed", ctx.seed)
+            if settings.get("layers") == DETECTION_LAYERS:
+                if detection is None:
+                    detection, _ = CleanSight().choose_layers(lvlm, ctx.samples("calibration", ctx.count(N_VAL)))
+                settings["layers"] = list(detection)
             points = nonzero + ([0.0] if baseline is None else [])
             frame = (perturbation_sweep(lvlm, samples, attack_obj, [kind], points, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size, progress=not ctx.smoke, **settings)
@@ -125,13 +147,17 @@ def perturbation_table(ctx: Any, attack: str, intensities: Sequence[float] | Non
             frame = pd.concat([baseline, frame], ignore_index=True)
             frame.insert(0, "variant", label)
             frame["queries"] = settings.get("queries", "text") if cls.domain == "attention" else "-"
+            used = settings.get("layers")
+            frame["layers"] = ("-" if cls.domain != "attention" else "all" if used is None
+                               else ",".join(str(int(x)) for x in lvlm.check_layers(list(used))))
             frames.append(frame)
         out = pd.concat(frames, ignore_index=True)
         out.insert(0, "attack", attack)
         return out[list(PERTURBATION_COLUMNS)]
 
     return ctx.cached(f"perturbation_sweep_{attack}", compute, attack=attack, intensities=levels,
-                      variants=[list(v) for v in variants], n=n, max_new_tokens=max_new_tokens)
+                      variants=[list(v) for v in variants], n=n, max_new_tokens=max_new_tokens,
+                      n_val=ctx.count(N_VAL))
 
 
 def perturbation_tables(ctx: Any, intensities: Sequence[float] | None = None, **kwargs: Any) -> "Any":
@@ -227,12 +253,15 @@ def paper_fig1_claims() -> "Any":
         {"curve": "pixel ST", "paper": "ASR stays high up to intensity 1",
          "our column": "asr of variant 'pixel ST'"},
         {"curve": "attention perturbation", "paper": "ASR falls to ~0 as intensity grows",
-         "our column": "asr of the two attention variants"},
+         "our column": "asr of the attention variants (every layer, detection layers only, all queries)"},
+        {"curve": "noise / JPEG", "paper": "not in Fig. 1 (generic pixel purifiers; added here as a contrast)",
+         "our column": "asr of variants 'pixel noise' and 'pixel JPEG'"},
         {"curve": "backdoored CLIP (contrast)", "paper": "a backdoored CLIP classifier is shown for contrast",
          "our column": "not reproduced: this project has no backdoored CLIP"},
     ])
 
 
-__all__ = ["DEFAULT_INTENSITIES", "DEFAULT_VARIANTS", "PERTURBATION_COLUMNS", "SMOKE_INTENSITIES",
+__all__ = ["DEFAULT_INTENSITIES", "DEFAULT_VARIANTS", "DETECTION_LAYERS", "N_VAL", "PERTURBATION_COLUMNS",
+           "SMOKE_INTENSITIES",
            "attack_of", "paper_fig1_claims", "perturbation_table", "perturbation_tables", "st_thumbnail_table",
            "sweep_intensities", "sweep_summary", "thumbnail"]

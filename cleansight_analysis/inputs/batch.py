@@ -186,5 +186,13 @@ def sample_batches(model: Any, samples: Sequence[Any], batch_size: int,
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        yield start, model.prepare([x.image for x in chunk], [x.prompt for x in chunk], padding_side=padding_side)
+        yield start, sample_batch(model, samples, start, batch_size, padding_side)
+
+
+def sample_batch(model: Any, samples: Sequence[Any], start: int, batch_size: int,
+                 padding_side: str = "left") -> Batch:
+    """The batch of ``samples[start:start + batch_size]`` (the one :func:`sample_batches` yields at ``start``)."""
+    chunk = samples[start:start + batch_size]
+    if not chunk:
+        raise InputError(f"sample_batch: no samples from index {start} of {len(samples)}")
+    return model.prepare([x.image for x in chunk], [x.prompt for x in chunk], padding_side=padding_side)

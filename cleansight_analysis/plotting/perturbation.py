@@ -15,7 +15,10 @@ from .style import set_style
 #: Colour, marker and line style of each variant of Fig. 1 (unknown variants get the next palette colour).
 VARIANT_STYLES: dict[str, dict[str, Any]] = {
     "pixel ST": {"color": "#4d4d4d", "marker": "s", "linestyle": "-"},
+    "pixel noise": {"color": "#8c8c8c", "marker": "D", "linestyle": ":"},
+    "pixel JPEG": {"color": "#b08d57", "marker": "v", "linestyle": ":"},
     "attention, text queries (paper)": {"color": "#00798c", "marker": "o", "linestyle": "--"},
+    "attention, detection layers": {"color": "#66a61e", "marker": "P", "linestyle": "-."},
     "attention, all queries (ours)": {"color": "#d1495b", "marker": "^", "linestyle": "-"},
 }
 #: Display names of attacks in titles.
@@ -68,7 +71,7 @@ def plot_metric_vs_intensity(sweep, metric: str = "asr", *, ax: Any = None, titl
     ax.set_ylim(-4, 104)
     ax.set_xlim(-0.03, 1.03)
     ax.set_xticks(sorted(sweep["intensity"].unique()))
-    ax.set_xlabel("perturbation intensity (ρ for ST, η for attention)")
+    ax.set_xlabel("perturbation intensity (ρ for pixels, η for attention)")
     ax.set_ylabel(ylabel or {"asr": "attack success rate (%)", "clean_acc": "clean accuracy (%)",
                              "poisoned_acc": "accuracy on triggered inputs (%)"}.get(metric, metric))
     ax.grid(axis="y", alpha=0.3)
@@ -146,7 +149,7 @@ def plot_pixel_vs_attention(sweep, thumbs=None, *, title: str | None = None):
             axes[0, j].set_ylabel("")
             axes[1, j].set_ylabel("")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    sub_plots.legend(handles, labels, loc="outside upper center", ncol=len(labels), frameon=False, fontsize=10)
+    sub_plots.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), 3), frameon=False, fontsize=10)
     if n_thumbs:
         t_axes = sub_thumbs.subplots(1, n_thumbs)
         plot_thumbnails(thumbs, axes=np.atleast_1d(t_axes))
