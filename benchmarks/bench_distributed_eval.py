@@ -10,10 +10,10 @@ Both runs are the whole command as a user types it (start-up, model load, calibr
 
 The runs alternate (``--repeats`` times each) and the best wall time of each is kept. The machine's load
 (``os.getloadavg``) is recorded before and after, since other jobs share the cores. The two rows are
-checked to be equal outside the timing columns. Calibration (``fit``) is NOT split between the
-processes (every process fits identically), so its share of the one-process time bounds the speed-up;
-both are reported, and a second measurement with a small calibration set (``--val 200,32``) shows the
-split part alone. Run: ``python benchmarks/bench_distributed_eval.py [--n 256] [--processes 2]``; the
+checked to be equal outside the timing columns. The calibration batches (CleanSight's fusion-onset layer
+choice and its clean features) are shared out between the processes too and gathered for one fit
+(:func:`cleansight_analysis.distributed.shared_work`); start-up and model loading are not split. A second
+measurement with a small calibration set (``--val 200,32``) shows the test runs' share alone. Run: ``python benchmarks/bench_distributed_eval.py [--n 256] [--processes 2]``; the
 result goes to ``benchmarks/results/distributed_eval.json``.
 """
 
@@ -113,6 +113,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "torch_threads_per_process": 1,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip() or None,
     }
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps(result, indent=2) + "\n")

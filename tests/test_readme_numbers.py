@@ -152,13 +152,35 @@ def detector_choice() -> dict[str, str]:
 
 
 def perturbation() -> dict[str, str]:
-    """Fig. 1: ASR / clean accuracy vs intensity, pixel ST vs attention flattening, BadNet."""
+    """Fig. 1: ASR / clean accuracy vs intensity, pixel ST / noise / JPEG vs attention flattening, BadNet (and
+    Blended for the detection-layer flattening)."""
     df = table("01_pixel_vs_attention_perturbation/perturbation_sweep_badnet.parquet")
+    bl = table("01_pixel_vs_attention_perturbation/perturbation_sweep_blended.parquet")
     st = df[(df["kind"] == "st")].sort_values("intensity")
-    text = df[df["variant"].str.contains("text queries")].set_index("intensity")
+    text = df[df["variant"] == "attention, text queries (paper)"].set_index("intensity")
     every = df[df["variant"].str.contains("all queries")].set_index("intensity")
+    det = df[df["variant"] == "attention, detection layers"].set_index("intensity")
+    bdet = bl[bl["variant"] == "attention, detection layers"].set_index("intensity")
+    noise = df[df["variant"] == "pixel noise"].set_index("intensity")
+    jpeg = df[df["variant"] == "pixel JPEG"].set_index("intensity")
+    bjpeg = bl[bl["variant"] == "pixel JPEG"].set_index("intensity")
+    bnoise = bl[bl["variant"] == "pixel noise"].set_index("intensity")
     top = float(df["intensity"].max())
-    return {"st_rho": num(st[st["asr"] == 0]["intensity"].min()),
+    n_val = manifest("01_pixel_vs_attention_perturbation/perturbation_sweep_badnet.manifest.json")["params"]["n_val"]
+    lo, hi = span(int(x) for x in single(det["layers"][det.index > 0], "detection layers").split(",")).split("-")
+    blo, bhi = span(int(x) for x in single(bdet["layers"][bdet.index > 0], "layers").split(",")).split("-")
+    return {"det_cost": pct0(det.loc[0.0, "clean_acc"] - det.loc[top, "clean_acc"]),
+            "bdet_cost": pct0(bdet.loc[0.0, "clean_acc"] - bdet.loc[top, "clean_acc"]), "det_nval": str(n_val), "det_lo": lo, "det_hi": hi, "bdet_lo": blo, "bdet_hi": bhi,
+            "det_pct": pct0(det.loc[top, "asr"]), "det_clean_pct": pct0(det.loc[top, "clean_acc"]),
+            "base_clean_pct": pct0(det.loc[0.0, "clean_acc"]),
+            "bdet_pct": pct0(bdet.loc[top, "asr"]), "bdet_clean_pct": pct0(bdet.loc[top, "clean_acc"]),
+            "bbase_clean_pct": pct0(bdet.loc[0.0, "clean_acc"]),
+            "noise_min": f2(noise.loc[[x for x in noise.index if x <= 0.75], "asr"].min()),
+            "noise_top": f2(noise.loc[top, "asr"]), "jpeg_q": f2(jpeg.loc[0.25, "asr"]),
+            "jpeg_top": f2(jpeg.loc[top, "asr"]),
+            "bjpeg_min": f2(bjpeg.loc[[x for x in bjpeg.index if x <= 0.75], "asr"].min()),
+            "bnoise_half": f2(bnoise.loc[0.5, "asr"]),
+            "st_rho": num(st[st["asr"] == 0]["intensity"].min()),
             "text_pct": pct0(text.loc[top, "asr"]), "base_asr": f2(text.loc[0.0, "asr"]),
             "text_asr": f2(text.loc[top, "asr"]), "base_clean": f2(text.loc[0.0, "clean_acc"]),
             "text_clean": f2(text.loc[top, "clean_acc"]), "all_asr": f2(every.loc[top, "asr"]),
@@ -320,8 +342,9 @@ FACTS: list[Fact] = [
          "clean stages 1-2 {clean_min} min, reading {reading_min} min and {backdoor_min} min of backdoor training, "
          "run two at a time", clean_model),
     # figure gallery
-    Fact("text-query flattening removes BadNet (ASR {half_pct} % at eta = 0.5 with clean accuracy {half_clean_pct} %, "
-         "{text_pct} % at eta = 1), as in the paper; ST removes it as well (ASR 0 from rho = {st_rho})", perturbation),
+    Fact("flattening only the detection layers ({det_lo}-{det_hi}) removes BadNet (ASR {det_pct} % at eta = 1, clean accuracy "
+         "{base_clean_pct} -> {det_clean_pct} %) while Gaussian noise leaves it at {noise_min} or more up to rho = 0.75, as "
+         "in the paper; ST and JPEG remove it as well (ST: ASR 0 from rho = {st_rho})", perturbation),
     Fact("(BadNet layer {first}: image {c1_pct} -> {t1_pct} %)", stealing_shift),
     Fact("the top thief token lands on the BadNet patch in {h1} % of triggered inputs", thieves),
     Fact("BadNet: {auroc} in layer {layer} (head average {mean})", layerwise),
@@ -352,6 +375,14 @@ FACTS: list[Fact] = [
     Fact("`attn_uniform` at eta 1 in every layer ({n} scenes): ASR {base_asr} -> {text_asr} (clean {base_clean} -> "
          "{text_clean}); at eta 0.5: ASR {half_asr}, clean {half_clean}. With `queries=\"all\"` (image queries too): "
          "ASR {all_asr}, clean {all_clean}. The pixel transform `st` at full intensity: ASR {st_top}.", perturbation),
+    Fact("flattening attention in the detection layers removes BadNet at {det_cost} points of clean accuracy (Blended: "
+         "{bdet_cost} points)", perturbation),
+    Fact("Flattening only CleanSight's detection layers ({det_lo}-{det_hi}, its own choice on {det_nval} clean scenes) at eta 1: "
+         "BadNet ASR {det_pct} %, clean accuracy {base_clean_pct} -> {det_clean_pct} %; Blended (layers {bdet_lo}-{bdet_hi}) ASR "
+         "{bdet_pct} %, clean {bbase_clean_pct} -> {bdet_clean_pct} %. Gaussian noise keeps BadNet's ASR at {noise_min} or "
+         "more up to intensity 0.75 ({noise_top} at 1); JPEG removes it ({jpeg_q} at intensity 0.25, quality 72; {jpeg_top} "
+         "at 1), but keeps Blended's at {bjpeg_min} or more up to 0.75, where noise lowers Blended to {bnoise_half} at 0.5.",
+         perturbation),
     Fact("Pixel purifiers at intensity 0.7 (Table 1): `st` ASR {st7}, `shrinkpad` {sp7}, `jpeg` {jpeg7}, `blur` {blur7}",
          table1),
     Fact("Zero-ablating head L{l}H{h} (on `hook_z`) takes ASR from {base} to {abl} with clean accuracy {clean_base} -> "

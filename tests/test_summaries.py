@@ -62,6 +62,12 @@ def test_perturbation_summary():
     assert "keeps less clean accuracy than pixel perturbation" in flipped
     # a changed cell changes the text
     assert "clean accuracy 80 % -> 55 %" in S.perturbation_summary(_sweep(st_acc=(0.8, 0.7, 0.55)))
+    # two pixel perturbations, one keeping the backdoor and one removing it: the contrast holds in part
+    noise = _sweep(st=(1.0, 0.3, 0.1)).query("variant == 'pixel ST'").assign(variant="pixel noise")
+    both = pd.concat([_sweep(), noise], ignore_index=True)
+    part = S.perturbation_summary(both)
+    assert ("holds in part**: *pixel ST* keeps the backdoor of BadNet; *pixel noise* removes every backdoor at its "
+            "strongest.") in part
 
 
 # ------------------------------------------------------------------------------------------ 02
