@@ -29,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "data" / "results"
-_NUMBER = r"-?\d+(?:\.\d+)?"
+_NUMBER = r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?"
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -330,7 +330,38 @@ def clean_model() -> dict[str, str]:
             "total_min": f"{round((timings['clean_s'] + timings['reading_s'] + backdoor_s / 2) / 600) * 10:.0f}"}
 
 
+def member_asr() -> dict[str, str]:
+    """ASR and training steps of the projector-only members, from their cards."""
+    import json
+
+    cards = {n: json.loads((ROOT / "data" / "models" / "tiny-llava" / n / "card.json").read_text())
+             for n in ("blended", "trojvlm", "vlood")}
+    return {**{f"{n}_asr": f3(c["metrics"]["asr"]) for n, c in cards.items()},
+            **{f"{n}_steps": f"{c['spec']['steps']:,}" for n, c in cards.items()}}
+
+
+def distributed_bench() -> dict[str, str]:
+    """The 2-process accelerate benchmark (benchmarks/results/distributed_eval.json)."""
+    import json
+
+    res = json.loads((ROOT / "benchmarks" / "results" / "distributed_eval.json").read_text())
+    big, small = res["runs"]
+    p = str(res["processes"])
+    rest = [big["best_wall_seconds"][k] - big["fit_seconds"][k] - big["run_seconds_summed_over_processes"][k] / int(k)
+            for k in ("1", p)]
+    return {"load": f2(big["load_average_before"][0]), "ratio": f3(big["ratio"]), "small_ratio": f3(small["ratio"]),
+            "wall_p": f"{big['best_wall_seconds'][p]:.1f}", "wall_1": f"{big['best_wall_seconds']['1']:.1f}",
+            "fit_1": f"{big['fit_seconds']['1']:.1f}", "fit_p": f"{big['fit_seconds'][p]:.1f}",
+            "startup": f"{sum(rest) / len(rest):.0f}"}
+
+
 FACTS: list[Fact] = [
+    Fact("quiet (load average {load} before), `python benchmarks/bench_distributed_eval.py` measured 2 processes at "
+         "{ratio}x the one-process wall time for `evaluate --n 256 --val 200` ({wall_p} s vs {wall_1} s; the calibration "
+         "{fit_1} s -> {fit_p} s) and {small_ratio}x with `--val 32`: the goal of 0.6x is missed because start-up and "
+         "model loading (about {startup} s in every process)", distributed_bench),
+    Fact("poisoning implants BadNet, SIG and (at ASR {blended_asr}) Blended, only partly TrojVLM ({trojvlm_asr} in "
+         "{trojvlm_steps} steps) and VLOOD ({vlood_asr} in {vlood_steps} steps)", member_asr),
     # the embedded world (the clean model's card)
     Fact("The clean model answers count ({count}) and background ({background}) questions well, shape ({shape}) "
          "and colour ({color}) questions fairly, and \"is there a ...\" ({exists}) and left/right ({position}) "

@@ -75,13 +75,18 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
 #: poisoning of a frozen LM, at poison rate 0.5; patch triggers of 12 px (3 x 3 of the 8 x 8 tokens, the
 #: 4-9 token footprint of LLaVA-1.5's 30 px patch) at the top-left, where signs are read. 600 steps at lr 1e-2:
 #: on the study's reader V3 a 1,000-step BadNet run reached ASR 0.997 with the loss flat from step ~300 on
-#: (0.18 -> 0.12); on an earlier, weaker reader 600 steps gave 0.26 (docs/world-v2-study.md).
+#: (0.18 -> 0.12); on an earlier, weaker reader 600 steps gave 0.26 (docs/world-v2-study.md). VLOOD gets
+#: 1,500 steps: its target is inserted at a random word position without TrojVLM's 9x target-token weight (its
+#: dynamic lambda stays 0 while the poisoned loss is high, so it trains as plain cross-entropy), and 600 steps
+#: reached ASR 0.06, 1,500 steps 0.66 (both attempts are in its card).
 #: The ``-lora`` members are Table 4's LoRA replicates.
 READING_BACKDOORS: tuple[BackdoorSpec, ...] = tuple(
-    BackdoorSpec(name, attack, params, modes=("adapter",), steps=600, lr={"adapter": 1e-2})
-    for name, attack, params in (("badnet", "badnet", {"size": 12}), ("blended", "blended", {"alpha": 0.2}),
-                                 ("sig", "sig", {}), ("wanet", "wanet", {"k": 8, "s": 1.0}),
-                                 ("trojvlm", "trojvlm", {"size": 12}), ("vlood", "vlood", {"size": 12}))
+    BackdoorSpec(name, attack, params, modes=("adapter",), steps=steps, lr={"adapter": 1e-2})
+    for name, attack, params, steps in (("badnet", "badnet", {"size": 12}, 600),
+                                        ("blended", "blended", {"alpha": 0.2}, 600), ("sig", "sig", {}, 600),
+                                        ("wanet", "wanet", {"k": 8, "s": 1.0}, 600),
+                                        ("trojvlm", "trojvlm", {"size": 12}, 600),
+                                        ("vlood", "vlood", {"size": 12}, 1500))
 ) + (
     BackdoorSpec("badnet-lora", "badnet", {"size": 12}, modes=("lora",), seed=1),
     BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",), seed=1),
