@@ -267,7 +267,8 @@ def test_plot_pixel_vs_attention_axes_and_lines():
     asr_ax = next(a for a in axes if a.get_title() == "BadNet (n = 16)")
     assert asr_ax.get_ylabel() == "attack success rate (%)"
     lines = {ln.get_label(): ln for ln in asr_ax.get_lines()}
-    assert set(lines) == set(pp.VARIANT_STYLES)
+    assert set(lines) == set(sweep["variant"]) and set(lines) <= set(pp.VARIANT_STYLES)
+    assert all(ln.get_color() == pp.VARIANT_STYLES[name]["color"] for name, ln in lines.items())
     assert np.allclose(lines["attention, all queries (ours)"].get_ydata(), [100, 55, 10])
     assert any(a.get_ylabel() == "clean accuracy (%)" for a in axes)
     titles = [a.get_title() for a in axes]

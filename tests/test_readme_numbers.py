@@ -564,18 +564,70 @@ def family_rows() -> list[str]:
     return rows
 
 
-def _family_block(text: str) -> tuple[int, int]:
-    start = text.index(FAMILY_HEADER)
+ROWS_HEADER = "| batch | mode | best CPU s | x HF SDPA, best / paired median | peak RSS vs HF SDPA | rows kept |"
+LATENCY_HEADER = "| batch | mode | best CPU s | x HF SDPA, best / paired median | goal |"
+#: What each benchmark mode is, in the README's words.
+BENCH_MODES: dict[str, str] = {
+    "hf_sdpa": "HF SDPA, untouched model (reference)", "forward": "plain forward (bridge, SDPA)",
+    "rows": "`attention_rows`, all 8 layers", "rows_full_pass": "`attention_rows(early_exit=False)`",
+    "forward_eager": "plain forward, eager attention", "rows_eager": "`attention_rows`, eager attention",
+    "undefended": "undefended generation (bridge)", "cleansight": "CleanSight one pass",
+    "cleansight_flagged": "CleanSight one pass, every sample flagged", "mask_all_layers": "key mask in every layer",
+    "cleansight_all_layers": "CleanSight, all-layer mask (two passes)", "authors_style": "the authors' approach",
+}
+
+
+def _bench(name: str) -> dict:
+    import json
+
+    return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['cpu_ratio']['best']:.3f} / {r['cpu_ratio']['paired_median']:.3f}"
+
+
+def rows_bench_rows() -> list[str]:
+    """The README's attention-rows benchmark table, from benchmarks/results/attention_rows.json."""
+    rows = [ROWS_HEADER, "|---|---|---|---|---|---|"]
+    for r in _bench("attention_rows")["results"]:
+        rows.append(f"| {r['batch']} | {BENCH_MODES.get(r['mode'], r['mode'])} | {r['best_cpu_s']:.2f} | {_ratio(r)} | "
+                    f"{r['extra_mib_vs_hf_sdpa']:+.1f} MiB ({r['extra_pct_of_hf_sdpa_peak']:+.2f} %) | "
+                    f"{r['stored_kib']:.0f} KiB |")
+    return rows
+
+
+def latency_rows() -> list[str]:
+    """The README's defense-latency table, from benchmarks/results/defense_latency.json."""
+    rows = [LATENCY_HEADER, "|---|---|---|---|---|"]
+    for r in _bench("defense_latency")["results"]:
+        goal = (f"<= {r['goal']:g}: {'met' if r['goal_met'] else 'missed'}" if "goal" in r else "-")
+        rows.append(f"| {r['batch']} | {BENCH_MODES.get(r['mode'], r['mode'])} | {r['best_cpu_s']:.2f} | {_ratio(r)} | "
+                    f"{goal} |")
+    return rows
+
+
+#: The README's generated tables: header line, the function that writes the rows, where they come from.
+BLOCKS: tuple[tuple[str, Callable[[], list[str]], str], ...] = (
+    (FAMILY_HEADER, family_rows, "the model cards"),
+    (ROWS_HEADER, rows_bench_rows, "benchmarks/results/attention_rows.json"),
+    (LATENCY_HEADER, latency_rows, "benchmarks/results/defense_latency.json"),
+)
+
+
+def _block(text: str, header: str) -> tuple[int, int]:
+    start = text.index(header)
     end = text.index("\n\n", start)
     return start, end
 
 
-def test_readme_family_table_is_the_model_cards():
+@pytest.mark.parametrize("header, rows, source", BLOCKS, ids=[b[2] for b in BLOCKS])
+def test_readme_tables_are_generated_from_their_sources(header, rows, source):
     text = _readme()
-    assert FAMILY_HEADER in text, "README lost the family table's header"
-    start, end = _family_block(text)
-    assert text[start:end].splitlines() == family_rows(), \
-        "README's family table differs from the cards (`.venv/bin/python tests/test_readme_numbers.py --write`)"
+    assert text.count(header) == 1, f"README lost (or repeats) the header of the table from {source}"
+    start, end = _block(text, header)
+    assert text[start:end].splitlines() == rows(), \
+        f"README's table differs from {source} (`.venv/bin/python tests/test_readme_numbers.py --write`)"
 
 
 # ------------------------------------------------------------------------------------------ script
@@ -596,12 +648,13 @@ def rewrite(text: str) -> tuple[str, list[str]]:
         if new != m.group(0):
             notes.append(f"{' '.join(m.group(0).split())}\n    -> {' '.join(new.split())}")
             text = text[:m.start()] + new + text[m.end():]
-    if FAMILY_HEADER in text:
-        start, end = _family_block(text)
-        rows = "\n".join(family_rows())
-        if text[start:end] != rows:
-            notes.append("family table rewritten from the model cards")
-            text = text[:start] + rows + text[end:]
+    for header, make, source in BLOCKS:
+        if header in text:
+            start, end = _block(text, header)
+            rows = "\n".join(make())
+            if text[start:end] != rows:
+                notes.append(f"table rewritten from {source}")
+                text = text[:start] + rows + text[end:]
     return text, notes
 
 
