@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny", help="the embedded tiny LLaVA family")
     tsub = tiny.add_subparsers(dest="tiny_command", required=True)
-    tb = tsub.add_parser("build", help="(re)build the shipped tiny models (about 100 min on 2 CPU cores: clean stages "
-                                       "1-2 23 min, reading 28, backdoors 47 run two at a time)")
+    tb = tsub.add_parser("build", help="(re)build the shipped tiny models (well over an hour on 2 CPU cores; the "
+                                       "cards record each stage's time, the README sums them)")
     tb.add_argument("--only", nargs="*", default=None, help="names to build (clean, badnet, blended, ...)")
     tb.add_argument("--out", default=None, help="models folder (default data/models)")
     tb.add_argument("--jobs", type=_positive_int, default=2, help="backdoors trained in parallel (one thread each)")

@@ -37,6 +37,7 @@ from ..errors import InputError
 from ..evaluation.intervention_sweeps import perturbation_sweep
 from ..inputs.images import to_rgb_image
 from ..interventions.perturbations import get_perturbation, perturbation_class
+from .detection import N_VAL
 
 #: Intensities of the full sweep (``0`` is the unperturbed baseline shared by every variant).
 DEFAULT_INTENSITIES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -44,8 +45,6 @@ DEFAULT_INTENSITIES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 SMOKE_INTENSITIES: tuple[float, ...] = (0.0, 1.0)
 #: The ``layers`` setting of an attention variant that means "CleanSight's detection layers of this model".
 DETECTION_LAYERS = "detection"
-#: Clean calibration inputs from which the detection layers are chosen (CleanSight's default calibration size).
-N_VAL = 200
 #: ``(variant label, perturbation kind, settings)`` of the curves of Fig. 1.
 DEFAULT_VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("pixel ST", "st", {}),
@@ -261,7 +260,7 @@ def paper_fig1_claims() -> "Any":
     ])
 
 
-__all__ = ["DEFAULT_INTENSITIES", "DEFAULT_VARIANTS", "DETECTION_LAYERS", "N_VAL", "PERTURBATION_COLUMNS",
+__all__ = ["DEFAULT_INTENSITIES", "DEFAULT_VARIANTS", "DETECTION_LAYERS", "PERTURBATION_COLUMNS",
            "SMOKE_INTENSITIES",
            "attack_of", "paper_fig1_claims", "perturbation_table", "perturbation_tables", "st_thumbnail_table",
            "sweep_intensities", "sweep_summary", "thumbnail"]
