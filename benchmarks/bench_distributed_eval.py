@@ -13,8 +13,9 @@ The runs alternate (``--repeats`` times each) and the best wall time of each is 
 checked to be equal outside the timing columns. The calibration batches (CleanSight's fusion-onset layer
 choice and its clean features) are shared out between the processes too and gathered for one fit
 (:func:`cleansight_analysis.distributed.shared_work`); start-up and model loading are not split. A second
-measurement with a small calibration set (``--val 200,32``) shows the test runs' share alone. Run: ``python benchmarks/bench_distributed_eval.py [--n 256] [--processes 2]``; the
-result goes to ``benchmarks/results/distributed_eval.json``.
+measurement with a small calibration set (``--val 200,32``) shows the test runs' share alone.
+Run: ``python benchmarks/bench_distributed_eval.py [--n 256] [--processes 2]``; the result goes to
+``benchmarks/results/distributed_eval.json``.
 """
 
 from __future__ import annotations

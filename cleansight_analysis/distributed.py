@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from .errors import InputError
+
 T = TypeVar("T")
 #: Depth of the :func:`shared_work` blocks this process is in (0: :func:`map_batches` runs every batch here).
 _SHARED_DEPTH = 0
@@ -143,6 +145,8 @@ def map_batches(fn: Callable[[int], T], n: int, batch_size: int, *, progress: bo
     Args:
         progress: a progress bar over this process's batches (shown by the main process only).
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     starts = my_batches(n, batch_size) if sharing() else list(range(0, n, batch_size))
     if progress and is_main():
         starts = tqdm(starts, desc=desc, mininterval=2.0)

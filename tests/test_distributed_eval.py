@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cleansight_analysis import distributed
+from cleansight_analysis.errors import InputError
 from cleansight_analysis.evaluation import runner as R
 
 pytest.importorskip("accelerate")
@@ -93,6 +94,8 @@ def test_map_batches_runs_everything_here_unless_shared_and_launched(monkeypatch
     with distributed.shared_work():  # not launched: still every batch, here
         assert not distributed.sharing()
         assert distributed.map_batches(fn, 7, 2) == [0, 20, 40, 60] and seen == [0, 2, 4, 6]
+    with pytest.raises(InputError, match="batch_size must be a positive integer, got 0"):
+        distributed.map_batches(fn, 7, 0)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
