@@ -393,3 +393,47 @@ def test_defense_summary_is_written_from_the_tables():
     assert "ASR 10 % at a cost of 10 points" in text and "badnet-lora ASR 20 % (TPR 90 %" in text
     t1.loc[(t1.attack == "badnet") & (t1.defense == "cleansight_all_layers"), "asr"] = 0.5
     assert "ASR badnet 50 %" in defense_tables_summary(t1, t3, t4)
+    full = pd.DataFrame({"attack": ["badnet", "badnet", "sig", "sig"], "defense": ["none", "cleansight"] * 2,
+                         "asr": [1.0, 0.02, 1.0, 0.4], "fpr": [None, 0.01, None, 0.04],
+                         "clean_drop": [None, 0.0117, None, 0.0], "goals_met": [None, True, None, False],
+                         "n": [256] * 4, "n_val": [200] * 4})
+    line = defense_tables_summary(t1, t3, t4, full).splitlines()[-1]
+    assert line.startswith("* **At the paper's size** (256 test inputs, 200 clean calibration inputs")
+    assert "hold for 1 of 2 attacks (badnet)" in line and "ASR <= 5 %, clean utility within 2 points" in line
+    assert "badnet ASR 100 % -> 2.0 %, clean utility -1.2 points, FPR 1.0 %" in line
+    assert "sig ASR 100 % -> 40.0 %, clean utility +0.0 points, FPR 4.0 %" in line
+
+
+def test_cleansight_full_size_scores_the_goals_and_is_cached(tmp_path, llava, monkeypatch):
+    """The paper-size table on tiny-random-llava posing as two attacks (smoke counts): one undefended and one
+    default-CleanSight row per attack; ``clean_drop`` / ``goals_met`` follow the rows and CLEANSIGHT_GOALS."""
+    from cleansight_analysis.experiments import FigureContext
+    from cleansight_analysis.experiments import tables as T
+
+    ctx = FigureContext(model="tiny-llava", attacks=["badnet", "blended"], n_samples=4, results_dir=tmp_path,
+                        log=lambda m: None)
+    loads = []
+
+    def load(member):
+        loads.append(member)
+        return llava, get_attack(member), {"mode": "adapter", "seed": 0}
+
+    monkeypatch.setattr(ctx, "load", load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = T.cleansight_full_size(ctx, n_test=6, n_val=20, max_new_tokens=3)
+    assert loads == ["badnet", "blended"]
+    assert list(full["defense"]) == ["none", "cleansight"] * 2 and set(full["table"]) == {"cleansight_full_size"}
+    assert list(full["n"]) == [6] * 4 and list(full["n_val"]) == [20] * 4
+    one = full[full["defense"] == "cleansight"]
+    np.testing.assert_allclose(one["clean_drop"], one["clean_utility_undefended"] - one["clean_utility"])
+    g = T.CLEANSIGHT_GOALS
+    want = [(r.asr <= g["asr_max"]) and (r.clean_drop <= g["clean_drop_max"] + 1e-12) and (r.fpr <= g["fpr_max"])
+            for r in one.itertuples()]
+    assert list(one["goals_met"]) == want
+    assert full[full["defense"] == "none"]["goals_met"].isna().all()
+    assert (tmp_path / "table1_cleansight_full_size.parquet").is_file()
+    again = T.cleansight_full_size(ctx, n_test=6, n_val=20, max_new_tokens=3)
+    assert loads == ["badnet", "blended"] and again.equals(full)  # cached: nothing loaded again
+    with pytest.raises(InputError, match="n_val"):
+        T.cleansight_full_size(ctx, n_val=1)

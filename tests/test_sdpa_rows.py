@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -334,3 +335,62 @@ def test_cleansight_scores_and_generation_match_eager(llava, fitted):
         assert all(torch.equal(p, q) for p, q in zip(out.pruned, out_e.pruned)) and out.pruned[top].numel() > 0
         assert out.texts == out_e.texts, scope
         assert torch.equal(out.info["tokens"], out_e.info["tokens"])
+
+
+# ------------------------------------------------------------------ the prompt once, the last token per variant
+@pytest.mark.parametrize("name", MODELS)
+def test_last_token_logits_equal_full_forwards(request, name):
+    """``last_token_logits`` (prefix once + one decode step per hook set) against one full forward per hook
+    set, on a left-padded batch of prompts of different lengths: two forwards apart (F32_FORWARD_RTOL of the
+    logits' scale). A mask on the last query's row changes the logits by far more than that, so the test
+    also shows each variant's hooks were active in its step and only there."""
+    from cleansight_analysis.detection.pruning import image_mask
+
+    model = request.getfixturevalue(name)
+    batch = model.prepare([noise_image(70 + i) for i in range(3)], PROMPTS)
+    assert not bool(batch.attention_mask.all())  # padded: the prefix keeps its padding mask
+    variants = [[], *[key_mask_hooks(model, image_mask(batch), layers=[layer], query=batch.query_positions)
+                      for layer in range(model.n_layers)], []]
+    fast = model.last_token_logits(batch, variants)
+    full = torch.stack([model.forward(batch, hooks=v, logits_to_keep=1)[:, -1] for v in variants])
+    assert fast.shape == (len(variants), 3, full.shape[-1])
+    scale = float(full.abs().max())
+    torch.testing.assert_close(fast, full, rtol=0, atol=F32_FORWARD_RTOL * scale)
+    assert torch.equal(fast[0], fast[-1])  # the trimmed cache serves the last variant as it served the first
+    moved = (full[1:-1] - full[0]).abs().amax(dim=(1, 2))
+    assert float(moved.max()) > 100 * F32_FORWARD_RTOL * scale
+
+
+def test_last_token_logits_bad_input(llava):
+    batch = llava.prepare([noise_image(1), noise_image(2)], PROMPTS[:2], padding_side="right")
+    with pytest.raises(InputError, match="last position must be a real token"):
+        llava.last_token_logits(batch, [[]])
+    left = llava.prepare([noise_image(1)], PROMPTS[:1])
+    with pytest.raises(InputError, match="at least one hook set"):
+        llava.last_token_logits(left, [])
+
+
+def test_fusion_onset_profile_with_and_without_the_shared_prefix(llava, monkeypatch):
+    """The profile from ``last_token_logits`` (what left-padded batches use) equals the one from a full
+    forward per blocked layer. A KL effect moves by at most ``2 * max|d logit|`` when the logits move by
+    ``d`` (its gradient in the logits is a difference of two distributions), so the bound is twice the
+    logits' forward tolerance at their scale."""
+    from cleansight_analysis.defenses.layers import fusion_onset_profile
+
+    samples = _samples(5, offset=50)
+    fast_path, used, scale = type(llava).last_token_logits, [], []
+
+    def counted(self, batch, variants):
+        used.append(len(variants))
+        out = fast_path(self, batch, variants)
+        scale.append(float(out.abs().max()))
+        return out
+
+    monkeypatch.setattr(type(llava), "last_token_logits", counted)
+    fast = fusion_onset_profile(llava, samples, batch_size=3)
+    assert used == [llava.n_layers + 1] * 2
+    monkeypatch.setattr(type(llava), "last_token_logits", lambda self, batch, variants: torch.stack(
+        [self.forward(batch, hooks=v, logits_to_keep=1)[:, -1] for v in variants]))
+    slow = fusion_onset_profile(llava, samples, batch_size=3)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=2 * F32_FORWARD_RTOL * max(scale))
+    assert np.all(fast >= 0) and fast.max() > 100 * 2 * F32_FORWARD_RTOL * max(scale)

@@ -63,8 +63,11 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
             ``"l2"``: mean L2 distance of the query's logits.
 
     Returns:
-        ``[n_layers]`` float64, the mean effect per layer (``n_layers + 1`` forward passes per batch; shared
-        out between launched processes inside :func:`cleansight_analysis.distributed.shared_work`).
+        ``[n_layers]`` float64, the mean effect per layer. A left-padded batch (the query is every sample's
+        last token) runs its prompt once and each blocked layer as one decode step of the last token
+        (:meth:`~cleansight_analysis.models.hooked.HookedLVLM.last_token_logits`); otherwise ``n_layers + 1``
+        forward passes. Batches are shared out between launched processes inside
+        :func:`cleansight_analysis.distributed.shared_work`.
     """
 
     samples = check_samples(samples, "fusion_onset_profile")
@@ -75,12 +78,20 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
     def one(start: int) -> np.ndarray:
         """``[n_layers]``: the batch's summed effect per layer."""
         batch = sample_batch(model, samples, start, batch_size)
-        base = _query_logits(model, batch, [])
+        # only the answer query's row loses the image keys, in one layer per variant
+        variants = [key_mask_hooks(model, image_mask(batch), layers=[layer], query=batch.query_positions)
+                    for layer in range(n_layers)]
+        if bool((batch.query_positions == batch.seq_len - 1).all()) and not bool(
+                (batch.input_ids[:, -1] == model.image_token_id).any()):
+            # the query is every sample's last token and only its row changes: the prompt before it runs
+            # once (KV cache), each variant is one decode step
+            logits = model.last_token_logits(batch, [[], *variants]).double().cpu()
+        else:
+            logits = torch.stack([_query_logits(model, batch, hooks) for hooks in [[], *variants]])
+        base = logits[0]
         sums = np.zeros(n_layers)
         for layer in range(n_layers):
-            # only the answer query's row loses the image keys, in this one layer
-            hooks = key_mask_hooks(model, image_mask(batch), layers=[layer], query=batch.query_positions)
-            blocked = _query_logits(model, batch, hooks)
+            blocked = logits[layer + 1]
             if divergence == "kl":
                 lp, lq = base.log_softmax(-1), blocked.log_softmax(-1)
                 eff = (lp.exp() * (lp - lq)).sum(-1)

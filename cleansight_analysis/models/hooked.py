@@ -303,6 +303,55 @@ class HookedLVLM:
         self._check_logits(out.logits, inputs, hooks)
         return out.logits
 
+    @torch.no_grad()
+    def last_token_logits(self, batch: Batch, variants: Sequence[Sequence[HookSpec]]) -> torch.Tensor:
+        """Logits at the last position under each of several hook sets, the rest of the prompt run once:
+        ``[len(variants), B, V]``.
+
+        The prompt minus its last token runs once without hooks and fills a KV cache; then the last token
+        runs as one decode step per variant, with that variant's hooks active (and the cache trimmed back
+        after it). Every position before the last is computed once instead of once per variant, so ``n``
+        variants cost about one forward pass plus ``n`` one-token steps instead of ``n`` forward passes.
+
+        Exact for hooks that change only the last position's computation (e.g. a key mask on the last
+        query's row, as the fusion-onset probe uses: no earlier position attends to the last one); a hook
+        that edits an earlier position's activations would be ignored there, so such hooks must use
+        :meth:`forward`. The logits equal ``forward(batch, hooks=v)[:, -1]`` up to float rounding (one
+        query's attention and matmuls instead of the whole sequence's).
+
+        Args:
+            batch: a batch whose last position is a real (non-image) token of every sample (left padding).
+            variants: hook sets, each ``[(name_or_filter, fn)]``; ``[]`` is the unhooked model.
+
+        Raises:
+            InputError: a right-padded batch, a one-token prompt or a prompt ending in an image token.
+        """
+        self._check_batch(batch)
+        if not variants:
+            raise InputError("last_token_logits: needs at least one hook set ([] is the unhooked model)")
+        if not bool(batch.attention_mask[:, -1].all()):
+            raise InputError("last_token_logits: the last position must be a real token of every sample "
+                             "(prepare(..., padding_side='left'))")
+        if batch.seq_len < 2:
+            raise InputError("last_token_logits: needs prompts of at least 2 positions")
+        if bool((batch.input_ids[:, -1] == self.image_token_id).any()):
+            raise InputError("last_token_logits: a prompt ends in an image token (its image must be in the prefix)")
+        inputs = self._inputs(batch)
+        prefix = {k: v for k, v in inputs.items()}
+        prefix["input_ids"] = inputs["input_ids"][:, :-1]
+        prefix["attention_mask"] = inputs["attention_mask"][:, :-1]
+        out = self.hf_model(**prefix, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        step = {"input_ids": inputs["input_ids"][:, -1:], "attention_mask": inputs["attention_mask"]}
+        results = []
+        for hooks in variants:
+            with self.hooks(hooks):
+                logits = self.hf_model(**step, cache=cache, use_cache=True, logits_to_keep=1).logits
+            cache.crop(-1)  # back to the prefix (a negative count removes that many tokens)
+            self._check_logits(logits, inputs, hooks)
+            results.append(logits[:, -1])
+        return torch.stack(results)
+
     def _query_positions(self, batch: Batch, query: Any) -> torch.Tensor:
         """``[B, Q]`` absolute query positions, validated against the attention mask."""
         if isinstance(query, str):

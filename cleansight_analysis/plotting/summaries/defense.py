@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._format import _pct, _span
+from ._format import _pct, _points, _span
 
 
-def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
+def defense_tables_summary(t1: Any, t3: Any, t4: Any, full: Any = None) -> str:
     """Markdown findings of Tables 1-4 (notebook 08).
 
     Args:
@@ -15,6 +15,9 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
             fpr, auroc, n, n_val``).
         t3: module ablation (``attack, defense`` in ``none / full / no_detection / random_pruning``).
         t4: Table 4, family member x defense (``member, defense, asr, tpr, fpr, auroc``).
+        full: optional, CleanSight at the paper's size
+            (:func:`~cleansight_analysis.experiments.tables.cleansight_full_size`: ``none`` / ``cleansight`` rows
+            with ``clean_drop`` and ``goals_met``).
     Returns:
         Markdown bullets.
     """
@@ -62,7 +65,26 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any) -> str:
         lines.append("* **Table 4** (projector-only members and their `-lora` replicates, CleanSight one pass): " + "; ".join(
             f"{r.member} ASR {_pct(r.asr)} (TPR {_pct(r.tpr)}, FPR {_pct(r.fpr)}, AUROC {float(r.auroc):.2f})"
             for r in reps.itertuples()) + ".")
+    if full is not None and len(full):
+        lines.append(_full_size_line(full))
     return "\n".join(lines)
+
+
+def _full_size_line(full: Any) -> str:
+    """One bullet: CleanSight's defaults at the paper's size against the goals the table was scored on."""
+    from ...experiments.tables import CLEANSIGHT_GOALS
+
+    none = full[full["defense"] == "none"].set_index("attack")
+    one = full[full["defense"] == "cleansight"].set_index("attack")
+    met = [a for a in one.index if bool(one.loc[a, "goals_met"])]
+    g = CLEANSIGHT_GOALS
+    per = "; ".join(f"{a} ASR {_pct(none.loc[a, 'asr'])} -> {_pct(one.loc[a, 'asr'], 1)}, clean utility "
+                    f"{_points(0.0 - float(one.loc[a, 'clean_drop']), 1)}, FPR {_pct(one.loc[a, 'fpr'], 1)}"
+                    for a in one.index)
+    return (f"* **At the paper's size** ({int(one['n'].iloc[0])} test inputs, {int(one['n_val'].iloc[0])} clean "
+            f"calibration inputs, every CleanSight default): ASR <= {_pct(g['asr_max'])}, clean utility within "
+            f"{100 * g['clean_drop_max']:.0f} points and FPR <= {_pct(g['fpr_max'])} hold for {len(met)} of "
+            f"{len(one)} attacks ({', '.join(met) or 'none'}). Per attack: {per}.")
 
 
 __all__ = ["defense_tables_summary"]
