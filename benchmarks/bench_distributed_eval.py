@@ -13,7 +13,9 @@ The runs alternate (``--repeats`` times each) and the best wall time of each is 
 checked to be equal outside the timing columns. The calibration batches (CleanSight's fusion-onset layer
 choice and its clean features) are shared out between the processes too and gathered for one fit
 (:func:`cleansight_analysis.distributed.shared_work`); start-up and model loading are not split. A second
-measurement with a small calibration set (``--val 200,32``) shows the test runs' share alone.
+measurement with a small calibration set (``--val 200,32``) shows the test runs' share alone. Start-up (import
+and model load in one process) and the launcher's own overhead are measured on their own (``fixed_seconds``),
+and each run records ``best_possible_ratio``: what a perfect split of everything else would reach.
 Run: ``python benchmarks/bench_distributed_eval.py [--n 256] [--processes 2]``; the result goes to
 ``benchmarks/results/distributed_eval.json``.
 """
@@ -56,6 +58,33 @@ def _run(args: list[str], processes: int, out: Path) -> tuple[float, dict]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     return wall, json.loads(out.read_text())
+
+
+def fixed_costs(opts: argparse.Namespace) -> dict:
+    """What no split can shorten, measured on its own (best of ``--repeats``): ``startup_s``, one process
+    importing the package and loading the model (every launched process pays it, in parallel), and
+    ``launcher_s``, ``accelerate launch`` starting and ending ``--processes`` processes that do nothing
+    (the launcher imports torch and accelerate before it starts them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")
+    load = f"import cleansight_analysis as cs; cs.load_lvlm({opts.model!r})"
+    walls: dict[str, list[float]] = {"startup_s": [], "launcher_s": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        noop = Path(tmp) / "noop.py"
+        noop.write_text("pass\n")
+        for _ in range(opts.repeats):
+            for key, cmd in (("startup_s", [sys.executable, "-c", load]),
+                             ("launcher_s", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                                             "--num_processes", str(opts.processes), "--num_machines", "1",
+                                             "--mixed_precision", "no", "--dynamo_backend", "no",
+                                             "--main_process_port", str(_free_port()), str(noop)])):
+                start = time.perf_counter()
+                done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+                walls[key].append(round(time.perf_counter() - start, 2))
+    return {key: min(v) for key, v in walls.items()}
 
 
 def measure(opts: argparse.Namespace, val: int) -> dict:
@@ -105,11 +134,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "distributed_eval.json"))
     opts = parser.parse_args()
     runs = [measure(opts, int(v)) for v in opts.val.split(",")]
+    fixed = fixed_costs(opts)
+    for run in runs:
+        # the best ratio a perfect split of everything after start-up could reach: the launcher, then one
+        # start-up (in parallel in every process), then 1/P of the rest of the one-process run
+        one = run["best_wall_seconds"]["1"]
+        run["best_possible_ratio"] = round((fixed["launcher_s"] + fixed["startup_s"]
+                                            + (one - fixed["startup_s"]) / opts.processes) / one, 3)
     result = {
         "processes": opts.processes,
         "launcher": f"accelerate launch --multi_gpu --num_processes {opts.processes} (CPU, gloo)",
         "goal_ratio": 0.6,
         "ratio": runs[0]["ratio"],
+        "fixed_seconds": fixed,
         "runs": runs,
         "cpu_count": os.cpu_count(),
         "torch_threads_per_process": 1,

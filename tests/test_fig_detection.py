@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import matplotlib
 
@@ -34,7 +33,9 @@ def _rows(attack: str = "badnet", n_cal: int = 40, n_test: int = 30, signal_laye
         parts.append(pd.DataFrame({
             "attack": attack, "sample_id": ids, "condition": cond,
             "layer": np.tile(np.repeat(np.arange(N_LAYERS), N_HEADS), n),
-            "head": np.tile(np.arange(N_HEADS), n * N_LAYERS), "ratio": vals.reshape(-1)}))
+            "head": np.tile(np.arange(N_HEADS), n * N_LAYERS), "ratio": vals.reshape(-1),
+            # image share 0.3 (+0.2 on head 0 of the signal layer under the trigger: +0.1 over the heads)
+            "mass_image": (0.3 + 0.2 * (vals > 3.0)).reshape(-1)}))
     return pd.concat(parts, ignore_index=True)
 
 
@@ -91,6 +92,42 @@ def test_layerwise_detection_table_marks_the_fusion_onset_layers(ctx, inputs):
     marked = table[table["detection_layer"]].groupby("attack")["layer"].apply(list).to_dict()
     assert marked == {"badnet": [1, 2], "sig": [0, 1]}
     assert (ctx.results_dir / "layerwise_detection.manifest.json").is_file()
+
+
+def test_mechanism_table_marks_the_layers_where_the_image_share_rises_and_separates(ctx, inputs):
+    table = det.layerwise_detection_table(ctx, inputs)
+    mech = det.mechanism_table(ctx, inputs, table)
+    assert list(mech.columns) == ["attack", "layer", "image_share_clean", "image_share_triggered", "rise",
+                                  "auroc_head_vector", "early", "steals"]
+    rise = mech.set_index(["attack", "layer"])["rise"]
+    assert rise[("badnet", 1)] == pytest.approx(0.1) and rise[("sig", 2)] == pytest.approx(0.1)
+    assert rise[("badnet", 0)] == pytest.approx(0.0) and rise[("sig", 1)] == pytest.approx(0.0)
+    assert mech["early"].all()  # 3 layers: the last quarter holds no whole layer
+    assert mech[mech["steals"]][["attack", "layer"]].values.tolist() == [["badnet", 1], ["sig", 2]]
+    # a rise below the bound, or a layer whose AUROC is below it, does not count
+    assert not det.mechanism_table(ctx, inputs, table, min_rise=0.2)["steals"].any()
+    low = table.assign(auroc_head_vector=0.9)
+    assert not det.mechanism_table(ctx, inputs, low, min_rise=0.05, min_auroc=0.95 - 1e-9)["steals"].any()
+    with pytest.raises(InputError, match="min_rise"):
+        det.mechanism_table(ctx, inputs, table, min_rise=2.0)
+    bare = det.DetectionInputs({"badnet": inputs.rows["badnet"].drop(columns="mass_image")}, inputs.onset,
+                               {"n_val": 41})
+    with pytest.raises(InputError, match="mass_image"):
+        det.mechanism_table(ctx, bare, table)
+
+
+def test_mechanism_summary_names_where_the_mechanism_shows(ctx, inputs):
+    from cleansight_analysis.plotting.summaries import layerwise_detection_summary
+
+    table = det.layerwise_detection_table(ctx, inputs)
+    mech = det.mechanism_table(ctx, inputs, table)
+    line = [ln for ln in layerwise_detection_summary(table, mech).splitlines() if "paper sees it" in ln][0]
+    assert "by at least 0.05 in a layer before the last quarter (layers 0-2)" in line
+    assert "for 2 of 2 attacks (BadNet, SIG)" in line and "BadNet layer 1 (largest: 0.30 -> 0.40 in layer 1)" in line
+    mech.loc[mech["attack"] == "sig", "steals"] = False
+    line = [ln for ln in layerwise_detection_summary(table, mech).splitlines() if "paper sees it" in ln][0]
+    assert "for 1 of 2 attacks (BadNet)" in line and "SIG none (largest rise 0.10 in layer 2, AUROC 1.00)" in line
+    assert "paper sees it" not in layerwise_detection_summary(table)
 
 
 def test_layer_window_table_flags_detector_choice_and_best_window(ctx, inputs):

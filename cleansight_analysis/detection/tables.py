@@ -94,8 +94,11 @@ def table_features(table: "pd.DataFrame", condition: str | None = None, layers: 
     if settings.feature != "ratio" or "ratio" not in sub.columns:
         raise InputError(f"{owner}: feature={settings.feature!r} needs the columns {list(MASS_COLUMNS)}; build the "
                          "table with detection_table (or use feature='ratio' with a 'ratio' column)")
-    renamed = sub.rename(columns={"ratio": "mass_image"}).assign(mass_system=0.0, mass_prompt=0.0,
-                                                                  mass_template_tail=0.0)
+    # the ratio goes through table_masses in the image slot; a table may carry some mass columns (e.g.
+    # mass_image alone) without all of them, and those must not collide with it
+    ratio_only = sub.drop(columns=[c for c in MASS_COLUMNS if c in sub.columns])
+    renamed = ratio_only.rename(columns={"ratio": "mass_image"}).assign(mass_system=0.0, mass_prompt=0.0,
+                                                                         mass_template_tail=0.0)
     ids, _, mass = table_masses(renamed, layers, owner=owner)
     return ids, mass[..., MASS_COLUMNS.index("mass_image")].reshape(len(ids), -1)
 

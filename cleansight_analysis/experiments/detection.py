@@ -57,8 +57,13 @@ N_VAL = 200
 WINDOW = 3
 #: Validation inputs used by the fusion-onset scan (``n_layers + 1`` forward passes each).
 N_ONSET = 16
-#: Columns kept from :func:`~cleansight_analysis.evaluation.sweeps.detection_table`.
-ROW_COLUMNS = ("sample_id", "condition", "layer", "head", "ratio")
+#: Columns kept from :func:`~cleansight_analysis.evaluation.sweeps.detection_table` (``mass_image``: the
+#: answer query's attention on the image tokens, for :func:`mechanism_table`).
+ROW_COLUMNS = ("sample_id", "condition", "layer", "head", "ratio", "mass_image")
+#: What counts as the paper's mechanism in one layer (:func:`mechanism_table`, issue 13): the answer query's
+#: image share (mean over heads and inputs) rises under the trigger by at least ``min_rise``, the
+#: head-specific AUROC is at least ``min_auroc``, and the layer lies before the last quarter of the LM.
+MECHANISM: dict[str, float] = {"min_rise": 0.05, "min_auroc": 0.95}
 
 #: ``choice`` labels of :func:`detection_layer_choices`.
 CHOICE_AUTO = "fusion onset (automatic, clean only)"
@@ -239,6 +244,52 @@ def layerwise_detection_table(ctx: "FigureContext", inputs: DetectionInputs) -> 
         return pd.concat(parts, ignore_index=True)
 
     return ctx.cached("layerwise_detection", compute, **inputs.settings)
+
+
+def mechanism_table(ctx: "FigureContext", inputs: DetectionInputs, layerwise: "pd.DataFrame", *,
+                    min_rise: float = MECHANISM["min_rise"], min_auroc: float = MECHANISM["min_auroc"]) -> "pd.DataFrame":
+    """Where the paper's mechanism shows, per attack and layer (cached as ``mechanism``).
+
+    The paper's attention stealing is a rise of the answer query's image share under the trigger in the fusion
+    layers, where a head-specific detector separates triggered from clean inputs; a rise only in the last
+    layers is the LM's own trigger circuit (the LoRA members' pattern).
+
+    Args:
+        inputs: :func:`detection_inputs` (its rows carry ``mass_image`` per input, layer and head).
+        layerwise: :func:`layerwise_detection_table` of the same inputs (``auroc_head_vector``).
+        min_rise, min_auroc: the thresholds of :data:`MECHANISM`.
+
+    Returns:
+        ``attack, layer, image_share_clean, image_share_triggered, rise, auroc_head_vector, early`` (the layer
+        lies before the last quarter: ``layer < n_layers - n_layers // 4``) and ``steals`` (early, rise >=
+        ``min_rise``, AUROC >= ``min_auroc``).
+    """
+    import pandas as pd
+
+    for name, value in (("min_rise", min_rise), ("min_auroc", min_auroc)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise InputError(f"mechanism_table: {name} must be a number in [0, 1], got {value!r}")
+
+    def compute() -> "pd.DataFrame":
+        parts = []
+        for attack, rows in inputs.rows.items():
+            if "mass_image" not in rows:
+                raise InputError(f"mechanism_table: the detection rows of {attack!r} lack 'mass_image' (recompute them)")
+            test = rows[rows["condition"].isin(["clean", "triggered"])]
+            share = test.pivot_table(index="layer", columns="condition", values="mass_image", aggfunc="mean")
+            n_layers = int(rows["layer"].max()) + 1
+            auc = layerwise[layerwise["attack"] == attack].set_index("layer")["auroc_head_vector"]
+            part = pd.DataFrame({"attack": attack, "layer": share.index.astype(int),
+                                 "image_share_clean": share["clean"].to_numpy(),
+                                 "image_share_triggered": share["triggered"].to_numpy()})
+            part["rise"] = part["image_share_triggered"] - part["image_share_clean"]
+            part["auroc_head_vector"] = part["layer"].map(auc).to_numpy()
+            part["early"] = part["layer"] < n_layers - n_layers // 4
+            part["steals"] = part["early"] & (part["rise"] >= min_rise) & (part["auroc_head_vector"] >= min_auroc)
+            parts.append(part)
+        return pd.concat(parts, ignore_index=True)
+
+    return ctx.cached("mechanism", compute, min_rise=float(min_rise), min_auroc=float(min_auroc), **inputs.settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,8 +539,8 @@ def fig5_comparison(quantiles: "pd.DataFrame", val_sizes: "pd.DataFrame", *, qua
     return _comparison(rows)
 
 
-__all__ = ["CHOICE_AUTO", "CHOICE_BEST", "DetectionInputs", "N_ONSET", "N_VAL", "WINDOW",
+__all__ = ["CHOICE_AUTO", "CHOICE_BEST", "DetectionInputs", "MECHANISM", "N_ONSET", "N_VAL", "WINDOW",
            "detection_inputs", "detection_layer_choices", "detection_rows", "fig3_comparison", "fig4_comparison",
            "fig5_comparison", "fusion_onset_table",
-           "layer_window_table", "layerwise_auroc", "layerwise_detection_table", "summarize_val_size",
+           "layer_window_table", "layerwise_auroc", "layerwise_detection_table", "mechanism_table", "summarize_val_size",
            "threshold_table", "val_size_table", "window_lengths"]

@@ -83,7 +83,8 @@ def plot_layerwise_detection(table: Any, onset: Any = None, *, title: str | None
     set_style()
     attacks = list(dict.fromkeys(table["attack"]))
     n_rows = 1 if onset is None else 2
-    fig, axes = plt.subplots(n_rows, len(attacks), figsize=(1.0 + 4.0 * len(attacks), 4.0 if n_rows == 1 else 5.6),
+    width = 4.0 if len(attacks) <= 3 else 3.1  # six attacks stay within a page-wide figure
+    fig, axes = plt.subplots(n_rows, len(attacks), figsize=(1.0 + width * len(attacks), 4.0 if n_rows == 1 else 5.6),
                              sharex="col", squeeze=False,
                              gridspec_kw={"height_ratios": [3.0, 1.25][:n_rows], "hspace": 0.12})
     for j, attack in enumerate(attacks):

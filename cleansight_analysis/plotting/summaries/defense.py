@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...experiments.tables import CLEANSIGHT_GOALS
 from ._format import _pct, _points, _span
 
 
@@ -72,8 +73,6 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any, full: Any = None) -> str:
 
 def _full_size_line(full: Any) -> str:
     """One bullet: CleanSight's defaults at the paper's size against the goals the table was scored on."""
-    from ...experiments.tables import CLEANSIGHT_GOALS
-
     none = full[full["defense"] == "none"].set_index("attack")
     one = full[full["defense"] == "cleansight"].set_index("attack")
     met = [a for a in one.index if bool(one.loc[a, "goals_met"])]

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...experiments.detection import MECHANISM
 from ._format import _layers, _names, _num, _range, attack_label
 
 #: AUROC from which a separation counts as near-perfect in the text (the paper reports ~1.0).
 NEAR_PERFECT = 0.9
 
 
-def layerwise_detection_summary(table: Any) -> str:
+def layerwise_detection_summary(table: Any, mechanism: Any = None) -> str:
     """Markdown findings of Fig. 3 (notebook 03), written from the per-layer AUROC table.
 
     Args:
         table: :func:`~cleansight_analysis.experiments.detection.layerwise_detection_table` rows, one per attack
             x layer: ``attack, layer, auroc_head_vector, auroc_head_mean, detection_layer`` (bool: in the
             detector's fusion-onset window), ``n_calibration, n_clean_test, n_poisoned_test``.
+        mechanism: optional :func:`~cleansight_analysis.experiments.detection.mechanism_table` rows (``attack,
+            layer, rise, early, steals``): adds a bullet on where the image share rises under the trigger.
 
     Returns:
         Markdown: a header with the sample counts, a bullet on which attacks show the paper's pattern
@@ -69,8 +72,34 @@ def layerwise_detection_summary(table: Any) -> str:
                  f"holds for {len(paper)} of {len(attacks)} attacks ({_names(paper)}). A near-perfect layer "
                  f"exists for {_names(peak)}; the head-specific vector beats the head-averaged scalar in its best "
                  f"layer for {_names(contrast)}.")
+    if mechanism is not None and len(mechanism):
+        lines.append(_mechanism_line(mechanism))
     lines += bullets
     return "\n".join(lines)
+
+
+def _mechanism_line(mech: Any) -> str:
+    """One bullet: the attacks whose image share rises under the trigger before the last quarter, with a
+    head-specific AUROC there of at least :data:`MECHANISM`'s bounds."""
+    attacks = list(dict.fromkeys(mech["attack"]))
+    early = sorted(int(x) for x in mech.loc[mech["early"].astype(bool), "layer"].unique())
+    shown, per = [], []
+    for a in attacks:
+        sub = mech[mech["attack"] == a].sort_values("layer")
+        hit = sub[sub["steals"].astype(bool)]
+        top = sub.loc[sub["rise"].idxmax()]
+        if len(hit):
+            shown.append(a)
+            best = hit.loc[hit["rise"].idxmax()]
+            per.append(f"{attack_label(a)} {_layers(hit['layer'], word=True)} (largest: {_num(best['image_share_clean'])} -> "
+                       f"{_num(best['image_share_triggered'])} in layer {int(best['layer'])})")
+        else:
+            per.append(f"{attack_label(a)} none (largest rise {_num(top['rise'])} in layer {int(top['layer'])}, AUROC "
+                       f"{_num(top['auroc_head_vector'])})")
+    return (f"* **Attention stealing where the paper sees it**: the answer query's image share rises under the trigger "
+            f"by at least {_num(MECHANISM['min_rise'])} in a layer before the last quarter ({_layers(early, word=True)}) "
+            f"whose head-specific AUROC is at least {_num(MECHANISM['min_auroc'])} for {len(shown)} of {len(attacks)} "
+            f"attacks ({_names(shown)}). Per attack: " + "; ".join(per) + ".")
 
 
 __all__ = ["NEAR_PERFECT", "layerwise_detection_summary"]
