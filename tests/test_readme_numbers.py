@@ -270,6 +270,43 @@ def table1() -> dict[str, str]:
     return out
 
 
+#: Attacks whose image share rises before the last quarter with AUROC >= 0.95 there (README names them).
+MECHANISM_SHOWN = ("badnet", "blended", "sig", "trojvlm")
+
+
+def mechanism() -> dict[str, str]:
+    """Notebook 03's mechanism table: where the image share rises and separates, per attack."""
+    from cleansight_analysis.experiments.detection import MECHANISM
+
+    df = table("03_layerwise_detection/mechanism.parquet")
+    shown = [a for a, sub in df.groupby("attack", sort=False) if bool(sub["steals"].any())]
+    assert tuple(shown) == MECHANISM_SHOWN, f"the mechanism shows for {shown}: reword the README's list"
+    return {"k": str(len(shown)), "n": str(df["attack"].nunique()), "min_rise": f2(MECHANISM["min_rise"]),
+            "min_auroc": f2(MECHANISM["min_auroc"])}
+
+
+def full_size() -> dict[str, str]:
+    """Notebook 08's CleanSight rows at the paper's size (256 test, 200 calibration)."""
+    df = table("08_defense_tables/table1_cleansight_full_size.parquet")
+    one = df[df["defense"] == "cleansight"].set_index("attack")
+    none = df[df["defense"] == "none"].set_index("attack")
+    t1 = table("08_defense_tables/table1_attack_defense.parquet")
+    t1_sig = t1[(t1["attack"] == "sig") & (t1["defense"] == "cleansight")]["detail"].iloc[0]
+    t1_val = str(single(t1["n_val"], "table1 n_val"))
+    detected = [a for a in one.index if a != "wanet"]
+    out = {"n": str(single(df["n"], "full-size n")), "n_val": str(single(df["n_val"], "full-size n_val")),
+           "k": str(int(one["goals_met"].astype(bool).sum())), "n_attacks": str(len(one)),
+           "fpr_hi": pct1(one.loc[detected, "fpr"].max()), "wanet": pct0(none.loc["wanet", "asr"]),
+           "wanet_tpr": pct0(one.loc["wanet", "tpr"]), "t1_val": t1_val,
+           "t1_n": str(single(t1["n"], "table1 n"))}
+    for key, detail in (("sig", one.loc["sig", "detail"]), ("sig_t1", t1_sig)):  # "layers 5-7, tau ..."
+        first, last = detail.split(",")[0].removeprefix("layers ").split("-")
+        out[f"{key}_first"], out[f"{key}_last"] = first, last
+    for a in detected:
+        out[a] = pct1(one.loc[a, "asr"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------ facts
 @dataclass(frozen=True)
 class Fact:
@@ -379,6 +416,17 @@ FACTS: list[Fact] = [
     Fact("(BadNet layer {first}: image {c1_pct} -> {t1_pct} %)", stealing_shift),
     Fact("the top thief token lands on the BadNet patch in {h1} % of triggered inputs", thieves),
     Fact("BadNet: {auroc} in layer {layer} (head average {mean})", layerwise),
+    Fact("the answer query's image share rises under the trigger by at least {min_rise} in a layer before the last "
+         "quarter whose head-specific AUROC is at least {min_auroc} for {k} of {n} attacks (BadNet, Blended, SIG, "
+         "TrojVLM)", mechanism),
+    Fact("Table 1 tests {t1_n} scenes per member so that every baseline fits into the notebook's time. At the paper's "
+         "size (notebook 08's last table, `table1_cleansight_full_size`: {n} test scenes per member, each clean and "
+         "triggered, {n_val} clean calibration scenes, every default) one-pass CleanSight meets ASR <= 5 %, clean "
+         "utility within 2 points and FPR <= 3 % for {k} of {n_attacks} attacks. ASR after the defense: BadNet "
+         "{badnet} %, Blended {blended} %, SIG {sig} %, TrojVLM {trojvlm} %, VLOOD {vlood} %, at FPR at most "
+         "{fpr_hi} %; WaNet's backdoor (ASR {wanet} %) is not detected (TPR {wanet_tpr} %). SIG's larger residual "
+         "ASR in Table 1 follows from the layers the fusion-onset scan picks on its {t1_val} calibration scenes "
+         "({sig_t1_first}-{sig_t1_last}) instead of {n_val} ({sig_first}-{sig_last})", full_size),
     Fact("Every BadNet window that contains layer {layer} scores {lo}-{hi}", windows),
     Fact("BadNet at q = 0.99, {n_val} samples: TPR {tpr_pct} %, FPR {fpr_pct} %", detector_choice),
     Fact("masking from the last detection layer brings BadNet's ASR to {asr} at the default tau = 1e-3; "
