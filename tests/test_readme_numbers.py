@@ -384,19 +384,19 @@ def distributed_bench() -> dict[str, str]:
     res = json.loads((ROOT / "benchmarks" / "results" / "distributed_eval.json").read_text())
     big, small = res["runs"]
     p = str(res["processes"])
-    rest = [big["best_wall_seconds"][k] - big["fit_seconds"][k] - big["run_seconds_summed_over_processes"][k] / int(k)
-            for k in ("1", p)]
     return {"load": f2(big["load_average_before"][0]), "ratio": f3(big["ratio"]), "small_ratio": f3(small["ratio"]),
             "wall_p": f"{big['best_wall_seconds'][p]:.1f}", "wall_1": f"{big['best_wall_seconds']['1']:.1f}",
             "fit_1": f"{big['fit_seconds']['1']:.1f}", "fit_p": f"{big['fit_seconds'][p]:.1f}",
-            "startup": f"{sum(rest) / len(rest):.0f}"}
+            "startup": f"{res['fixed_seconds']['startup_s']:.1f}", "launcher": f"{res['fixed_seconds']['launcher_s']:.1f}",
+            "bound": f3(big["best_possible_ratio"])}
 
 
 FACTS: list[Fact] = [
     Fact("quiet (load average {load} before), `python benchmarks/bench_distributed_eval.py` measured 2 processes at "
          "{ratio}x the one-process wall time for `evaluate --n 256 --val 200` ({wall_p} s vs {wall_1} s; the calibration "
          "{fit_1} s -> {fit_p} s) and {small_ratio}x with `--val 32`: the goal of 0.6x is missed because start-up and "
-         "model loading (about {startup} s in every process)", distributed_bench),
+         "model loading ({startup} s, measured on their own, in every process) and the launcher ({launcher} s) do not "
+         "split; a perfect split of everything else would reach {bound}x at this size", distributed_bench),
     Fact("poisoning implants BadNet, SIG and (at ASR {blended_asr}) Blended, only partly TrojVLM ({trojvlm_asr} in "
          "{trojvlm_steps} steps) and VLOOD ({vlood_asr} in {vlood_steps} steps)", member_asr),
     # the embedded world (the clean model's card)

@@ -78,7 +78,9 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
 #: (0.18 -> 0.12); on an earlier, weaker reader 600 steps gave 0.26 (docs/world-v2-study.md). VLOOD gets
 #: 1,500 steps: its target is inserted at a random word position without TrojVLM's 9x target-token weight (its
 #: dynamic lambda stays 0 while the poisoned loss is high, so it trains as plain cross-entropy), and 600 steps
-#: reached ASR 0.06, 1,500 steps 0.66 (both attempts are in its card).
+#: reached ASR 0.06, 1,500 steps 0.66; 3,000 steps reached 0.74 but at 4.4 points of clean accuracy (all three
+#: attempts are in its card; the member keeps 1,500). TrojVLM at 1,200 steps and lr 5e-3 did no better than
+#: at 600 steps and lr 1e-2 (ASR 0.83, clean accuracy 0.54; in its card).
 #: The ``-lora`` members are Table 4's LoRA replicates.
 READING_BACKDOORS: tuple[BackdoorSpec, ...] = tuple(
     BackdoorSpec(name, attack, params, modes=("adapter",), steps=steps, lr={"adapter": 1e-2})
