@@ -91,6 +91,34 @@ def test_shared_tables_are_computed_once_for_every_notebook(tmp_path):
     assert calls == [1, 1]
 
 
+def test_a_shared_table_of_one_attack_ignores_the_notebooks_other_attacks(tmp_path, monkeypatch):
+    """Notebook 03 runs six attacks and notebooks 04/05 three: their per-attack shared tables are one copy,
+    keyed by that attack's model files only; a table of all attacks still depends on the list."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"x": [len(calls)]})
+
+    prints = {"badnet": "sha256:aa", "blended": "sha256:bb", "wanet": "sha256:cc"}
+    monkeypatch.setattr(FigureContext, "model_fingerprints",
+                        lambda self: {a: prints[a] for a in self.attacks})
+    six = FigureContext(results_dir=tmp_path / "03_a", attacks=["badnet", "blended", "wanet"], log=lambda m: None)
+    three = FigureContext(results_dir=tmp_path / "04_b", attacks=["badnet", "blended"], log=lambda m: None)
+    six.cached("rows_badnet", compute, shared=True, attack="badnet", n_val=5)
+    assert three.cached("rows_badnet", compute, shared=True, attack="badnet", n_val=5)["x"].tolist() == [1]
+    assert calls == [1]
+    three.cached("sweep", compute, shared=True, n_val=5)              # no attack: the attack list is part of the key
+    six.cached("sweep", compute, shared=True, n_val=5)
+    assert calls == [1, 1, 1]
+    prints["badnet"] = "sha256:retrained"                              # that attack's model changed: computed again
+    six.cached("rows_badnet", compute, shared=True, attack="badnet", n_val=5)
+    assert calls == [1, 1, 1, 1]
+    prints["wanet"] = "sha256:other"                                   # another attack's model: reused
+    six.cached("rows_badnet", compute, shared=True, attack="badnet", n_val=5)
+    assert calls == [1, 1, 1, 1]
+
+
 def test_recompute_since_a_timestamp_redoes_only_older_tables(tmp_path):
     import time
     from datetime import datetime, timezone

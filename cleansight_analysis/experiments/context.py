@@ -245,12 +245,19 @@ class FigureContext:
         and row count match); anything else (missing, truncated, empty or edited table or manifest) is
         reported in one line and recomputed. ``shared=True`` keeps the table
         in :attr:`shared_dir` instead, so every notebook asking for it with the same parameters reuses one
-        copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first; notebooks running at
+        copy (e.g. the stealing rows behind Figs. 3-5), whichever notebook ran first (a table of one ``attack``
+        is keyed without the notebook's attack list and with that attack's model files only); notebooks running at
         the same time (``cleansight figures --jobs 2``) take turns on it (a file lock), so it is computed once.
         """
 
-        key = provenance.portable(_jsonable({**self.settings(), **params}))
-        prints = {"code_fingerprint": provenance.code_fingerprint(), "model_fingerprint": self.model_fingerprints()}
+        settings, models = self.settings(), self.model_fingerprints()
+        if shared and isinstance(attack, str) and attack in models:
+            # a shared per-attack table (e.g. one attack's stealing rows) depends on that attack's model, not on
+            # which other attacks a notebook runs: notebooks with other attack lists reuse one copy
+            settings = {k: v for k, v in settings.items() if k != "attacks"}
+            models = {attack: models[attack]}
+        key = provenance.portable(_jsonable({**settings, **params}))
+        prints = {"code_fingerprint": provenance.code_fingerprint(), "model_fingerprint": models}
         out = self.shared_dir if shared else Path(self.results_dir)
         with _table_lock(out, name) if shared else contextlib.nullcontext():
             return self._cached(out, name, key, prints, compute, model=model, attack=attack, params=params)
