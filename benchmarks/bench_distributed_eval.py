@@ -42,10 +42,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: list[str], processes: int, out: Path) -> tuple[float, dict]:
+def _env() -> dict[str, str]:
+    """The environment of a launched run: no inherited process-group variables, one thread, offline."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
                HF_HUB_OFFLINE="1")
+    return env
+
+
+def _run(args: list[str], processes: int, out: Path) -> tuple[float, dict]:
+    env = _env()
     if processes == 1:
         cmd = [sys.executable, "-m", "cleansight_analysis.cli", *args, "--json", str(out)]
     else:
@@ -65,9 +71,7 @@ def fixed_costs(opts: argparse.Namespace) -> dict:
     importing the package and loading the model (every launched process pays it, in parallel), and
     ``launcher_s``, ``accelerate launch`` starting and ending ``--processes`` processes that do nothing
     (the launcher imports torch and accelerate before it starts them)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               HF_HUB_OFFLINE="1")
+    env = _env()
     load = f"import cleansight_analysis as cs; cs.load_lvlm({opts.model!r})"
     walls: dict[str, list[float]] = {"startup_s": [], "launcher_s": []}
     with tempfile.TemporaryDirectory() as tmp:

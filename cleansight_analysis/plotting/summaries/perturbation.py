@@ -56,6 +56,15 @@ def _clause(attack: str, c: dict[str, Any], sym: str) -> str:
     return f"{name}: ASR {_pct(c['asr0'])} -> {_pct(c['asr_max'])} at {sym} = {c['max']:g}{dip} ({acc})"
 
 
+def _pixel_part(variant: str, kept: list[str], attacks: list[str]) -> str:
+    """What one pixel perturbation does to the attacks whose backdoor attention perturbation removes."""
+    if not kept:
+        return f"*{variant}* removes every backdoor at its strongest"
+    removed = [a for a in attacks if a not in kept]
+    return f"*{variant}* keeps the backdoor of {_names(kept)}" + (
+        f" but, at its strongest, removes that of {_names(removed)}" if removed else "")
+
+
 def perturbation_summary(sweep: Any) -> str:
     """Markdown findings of Fig. 1 (notebook 01), written from the sweep table.
 
@@ -91,23 +100,18 @@ def perturbation_summary(sweep: Any) -> str:
     kept = {v: [a for a in attacks if a in attn_removes and (a, v) in curves and not curves[(a, v)]["removes"]]
             for v in pixel}
     contrast = "(pixel perturbation keeps the backdoor, attention perturbation removes it)"
-    reasons = []
-    if pixel and st_removes:
-        reasons.append(f"pixel perturbation removes the backdoor of {_names(st_removes)}")
-    if attention and [a for a in attacks if a not in attn_removes]:
-        reasons.append(f"no attention perturbation removes the backdoor of "
-                       f"{_names([a for a in attacks if a not in attn_removes])}")
+    unmoved = [a for a in attacks if a not in attn_removes]  # no attention perturbation removes these
+    unmoved_reason = f"no attention perturbation removes the backdoor of {_names(unmoved)}" if attention and unmoved else None
     if pixel and all(set(kept[v]) == set(attacks) for v in pixel):
         lines.append(f"* **The paper's contrast {contrast} reproduces for every attack** ({_names(attacks)}).")
     elif not any(kept.values()):
+        reasons = [f"pixel perturbation removes the backdoor of {_names(st_removes)}"] if st_removes else []
+        reasons += [unmoved_reason] if unmoved_reason else []
         lines.append(f"* **The paper's contrast {contrast} does not reproduce here**: {'; '.join(reasons)}.")
     else:
-        parts = [f"*{v}* keeps the backdoor of {_names(kept[v])}"
-                 + (f" but, at its strongest, removes that of {_names([a for a in attacks if a not in kept[v]])}"
-                    if len(kept[v]) < len(attacks) else "") if kept[v] else f"*{v}* removes every backdoor at its strongest"
-                 for v in pixel]
+        parts = [_pixel_part(v, kept[v], attacks) for v in pixel]
         lines.append(f"* **The paper's contrast {contrast} holds in part**: {'; '.join(parts)}"
-                     + (f"; {reasons[-1]}" if attention and len(attn_removes) < len(attacks) else "") + ".")
+                     + (f"; {unmoved_reason}" if unmoved_reason else "") + ".")
     for v in variants:
         sym = SYMBOLS.get(domains[v], "intensity")
         clauses = [_clause(a, curves[(a, v)], sym) for a in attacks if (a, v) in curves]
