@@ -267,7 +267,7 @@ def test_end_to_end_badnet(badnet):
     # model's stealing is in the middle layers, as the paper reports for LLaVA-1.5
     [layer] = select_detection_layers(model, calib[:32], method="auroc", poisoned_samples=trig, window=1)
     assert layer < model.n_layers - model.n_layers // 4
-    d = CleanSight(layers=[layer]).fit(model, calib)  # tau = 1e-3, the default
+    d = CleanSight(layers=[layer]).fit(model, calib)  # tau = 1e-4, the default
     assert np.mean(d.calibration.clean_distances > d.gamma) <= 0.02  # in-sample: at most 1 - quantile (+1 sample)
     bc, bt = _batch(model, test), _batch(model, trig)
     plain = model.generate(bt, max_new_tokens=8)

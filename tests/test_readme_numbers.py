@@ -22,9 +22,12 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -202,14 +205,24 @@ def thieves() -> dict[str, str]:
 
 
 def pruning() -> dict[str, str]:
-    """Fig. 6: BadNet's ASR with the mask from the last detection layer (oracle detector) at tau = 1e-3 (the
-    default) and at the calibrated ``tau="auto"``."""
+    """Fig. 6: ASR with the mask from the last detection layer (oracle detector) at the default tau (every
+    attack's largest), at the paper's balance 1e-3 (TrojVLM) and at the calibrated ``tau="auto"`` (BadNet)."""
+    from cleansight_analysis.defenses.cleansight import CleanSightConfig
+
+    ref = _pruning_reference()
+    default = ref[ref["tau"] == CleanSightConfig().tau]
+    balance = ref[(ref["tau"] == 1e-3) & (ref["attack"] == "trojvlm")]
+    auto = ref[ref["is_auto"].astype(bool) & (ref["attack"] == "badnet")]
+    assert default["attack"].nunique() == len(default) == ref["attack"].nunique() and len(balance) == len(auto) == 1
+    assert CleanSightConfig().tau == 1e-4, "the default tau changed: reword the README's Fig. 6 row"
+    return {"asr": f2(default["asr"].max()),
+            "troj": f2(balance.iloc[0]["asr"]), "tau_auto": f2(auto.iloc[0]["tau"]), "auto_asr": f2(auto.iloc[0]["asr"])}
+
+
+def _pruning_reference() -> "pd.DataFrame":
+    """Fig. 6's rows with the reference mask scope (every attack, every swept tau)."""
     df = table("06_pruning_threshold/pruning_threshold.parquet")
-    ref = df[(df["attack"] == "badnet") & (df["mask_scope"] == "reference")]
-    fixed = ref[ref["tau"] == 1e-3]
-    auto = ref[ref["is_auto"].astype(bool)]
-    assert len(fixed) == 1 and len(auto) == 1, ref
-    return {"asr": f2(fixed.iloc[0]["asr"]), "tau_auto": f2(auto.iloc[0]["tau"]), "auto_asr": f2(auto.iloc[0]["asr"])}
+    return df[df["mask_scope"] == "reference"]
 
 
 def logit_lens() -> dict[str, str]:
@@ -435,8 +448,9 @@ FACTS: list[Fact] = [
          "({sig_t1_first}-{sig_t1_last}) instead of {n_val} ({sig_first}-{sig_last})", full_size),
     Fact("Every BadNet window that contains layer {layer} scores {lo}-{hi}", windows),
     Fact("BadNet at q = 0.99, {n_val} samples: TPR {tpr_pct} %, FPR {fpr_pct} %", detector_choice),
-    Fact("masking from the last detection layer brings BadNet's ASR to {asr} at the default tau = 1e-3; "
-         "`tau=\"auto\"` ({tau_auto} here) prunes too little and leaves {auto_asr}.", pruning),
+    Fact("masking from the last detection layer brings every attack's ASR to {asr} at the default tau = 1e-4, "
+         "the largest swept value at which no attack keeps its backdoor (at the paper's balance 1e-3 TrojVLM keeps "
+         "{troj}); `tau=\"auto\"` ({tau_auto} here) prunes too little and leaves BadNet {auto_asr}.", pruning),
     Fact("The poisoned curve leaves the clean one from layer {onset}", logit_lens),
     Fact("Six attacks, n = {n}: the default one-pass CleanSight (TPR {tpr_lo_pct} % at FPR <= {fpr_hi_pct} % on BadNet, "
          "Blended, SIG and TrojVLM) takes ASR from {badnet_none} to {badnet_one} % on BadNet, from {blended_none} to "
@@ -503,8 +517,18 @@ def _no_single_head_removes_it() -> bool:
     return float(ab[ab["kind"] == "ablate"]["asr"].min()) > 0.25 * base
 
 
+def _default_tau_is_largest_clean_sweep() -> bool:
+    """The default tau removes every backdoor in Fig. 6 and the next larger swept value does not."""
+    from cleansight_analysis.defenses.cleansight import CleanSightConfig
+
+    worst = _pruning_reference().loc[lambda d: ~d["is_auto"].astype(bool)].groupby("tau")["asr"].max()
+    clean = worst.index[worst == 0.0]
+    return len(clean) > 0 and float(clean.max()) == CleanSightConfig().tau
+
+
 CLAIMS: list[Claim] = [
     Claim("no single head removes it", _no_single_head_removes_it),
+    Claim("the largest swept value at which no attack keeps its backdoor", _default_tau_is_largest_clean_sweep),
 ]
 
 

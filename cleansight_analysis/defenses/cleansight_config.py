@@ -97,10 +97,12 @@ class CleanSightConfig:
             clean set as the ``tau_quantile`` quantile of the pooled per-image-token values
             ``max_h alpha^{l_e,h}_{q,j}`` over every clean calibration sample and image token, i.e.
             about ``1 - tau_quantile`` of clean image tokens would be pruned; tokens attended to
-            more than clean inputs ever attend to an image token are the thieves. Default ``1e-3``, the
-            paper's suggested balance: on the embedded family (Fig. 6, oracle detector, mask from the
-            last detection layer) ``"auto"`` lands at 0.64-0.89, prunes 1-4 % of the image tokens and
-            leaves BadNet's ASR at 0.59, while 1e-3 brings every attack to <= 0.16 (``docs/method.md#tau``).
+            more than clean inputs ever attend to an image token are the thieves. Default ``1e-4``, the
+            value of the paper's implementation details and code: a flagged input keeps only the image
+            tokens its last detection layer barely attends to. On the embedded family (Fig. 6, oracle
+            detector) it is the largest swept value at which no attack keeps its backdoor; the paper's
+            "balance" ``1e-3`` leaves part of TrojVLM's and ``"auto"`` most of every attack's
+            (``docs/method.md#tau``).
         tau_quantile: see ``tau="auto"``.
         text_keys: denominator of the ratio: ``"post_image"`` (every key after the image block:
             instruction + template tail; the authors' code) or ``"instruction"`` (the prompt
@@ -137,7 +139,7 @@ class CleanSightConfig:
     threshold_fit: ThresholdFitSetting = DetectorSettings.threshold_fit
     folds: FoldsSetting = DetectorSettings.folds
     quantile: Unit01 = 0.99
-    tau: Annotated[Union[Literal["auto"], Unit01], Field(description="must be a number in (0, 1] or 'auto'")] = 1e-3
+    tau: Annotated[Union[Literal["auto"], Unit01], Field(description="must be a number in (0, 1] or 'auto'")] = 1e-4
     tau_quantile: Unit01 = 0.99
     text_keys: TextKeysSetting = "post_image"
     mask_scope: Annotated[Literal[MASK_SCOPES], Field(description=f"must be one of {MASK_SCOPES}")] = "reference"

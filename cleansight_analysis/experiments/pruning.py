@@ -9,7 +9,7 @@ masks many image tokens (the backdoor should die, and so may the answer); ``tau 
 The sweep runs the fitted CleanSight defense's own one-pass pruning
 (:func:`cleansight_analysis.evaluation.sweeps.tau_sweep` with ``defense=``), so ``l_e`` and the
 ``mask_scope`` are the defense's. The fit uses ``tau="auto"``, so its calibrated ``tau`` is swept too and
-marked in the table (``is_auto``); the default ``tau`` (1e-3) is one of :data:`DEFAULT_TAUS`.
+marked in the table (``is_auto``); the default ``tau`` (1e-4) is one of :data:`DEFAULT_TAUS`.
 """
 
 from __future__ import annotations
