@@ -243,6 +243,18 @@ def test_fusion_onset_selection(llava):
     assert auto.calibration.layer_source == "fusion_onset"
 
 
+def test_fit_progress_bars_change_nothing(llava, capsys):
+    """``progress`` shows the scan's and the features' bars and leaves every fitted number as it was."""
+    quiet = CleanSight(layers="auto", window=2, batch_size=4).fit(llava, _samples(8))
+    capsys.readouterr()
+    loud = CleanSight(layers="auto", window=2, batch_size=4)
+    loud.progress = True
+    loud.fit(llava, _samples(8))
+    err = capsys.readouterr().err
+    assert "fusion-onset scan" in err and "calibration features" in err
+    assert loud.to_dict() == quiet.to_dict() and "progress" not in loud.to_dict()
+
+
 # ------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def badnet():

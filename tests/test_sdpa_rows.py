@@ -363,9 +363,11 @@ def test_last_token_logits_equal_full_forwards(request, name):
 
 def test_last_token_logits_bad_input(llava):
     batch = llava.prepare([noise_image(1), noise_image(2)], PROMPTS[:2], padding_side="right")
+    assert not llava.decodes_last_token(batch)  # the predicate fusion_onset_profile asks first
     with pytest.raises(InputError, match="last position must be a real token"):
         llava.last_token_logits(batch, [[]])
     left = llava.prepare([noise_image(1)], PROMPTS[:1])
+    assert llava.decodes_last_token(left)
     with pytest.raises(InputError, match="at least one hook set"):
         llava.last_token_logits(left, [])
 

@@ -186,6 +186,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.tau is not None:
         settings["tau"] = args.tau
     defense = get_defense("cleansight", **settings)
+    defense.progress = True
     defense.fit(model, synthetic_samples("calibration", args.n, args.seed))
     defense.save(_prepare_out_file(args.out))
     print(f"wrote {args.out} (CleanSight calibrated on {args.n} clean samples of {args.model})")

@@ -71,10 +71,13 @@ class CleanSight(Defense):
         config: :class:`CleanSightConfig` (after ``fit`` with ``layers="auto"``, ``config.layers`` holds
             the selected layers).
         calibration: :class:`Calibration` once fitted, else ``None``.
+        progress: progress bars in ``fit`` (the fusion-onset scan and the calibration features); not a
+            setting: no result depends on it, and it is neither saved nor compared.
     """
 
     name = "cleansight"
     kind = "detector"
+    progress: bool = False
 
     def __init__(self, config: CleanSightConfig | None = None, **settings: Any):
         if config is not None:
@@ -180,7 +183,8 @@ class CleanSight(Defense):
         if cfg.layers == "auto":
             samples = check_samples(clean_samples, "CleanSight.choose_layers")
             return (select_detection_layers(model, samples, method="fusion_onset", window=cfg.window,
-                                            batch_size=cfg.batch_size, text_keys=cfg.text_keys), "fusion_onset")
+                                            batch_size=cfg.batch_size, text_keys=cfg.text_keys,
+                                            progress=self.progress), "fusion_onset")
         return sorted(set(model.check_layers(cfg.layers))), "given"
 
     def fit(self, model: "HookedLVLM", clean_samples: Sequence["Sample"]) -> "CleanSight":
@@ -221,7 +225,8 @@ class CleanSight(Defense):
             x, owner = np.concatenate(feats), np.concatenate(groups)
         else:
             mass, tok_vals = sample_masses(model, samples, layers, batch_size=cfg.batch_size,
-                                           token_rows=cfg.tau == "auto")
+                                           token_rows=cfg.tau == "auto", progress=self.progress,
+                                           desc="calibration features")
             x = settings.features(mass)  # [N, D]
         n, d = x.shape
         if n < d:

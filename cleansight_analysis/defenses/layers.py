@@ -53,7 +53,7 @@ def _query_logits(model: "HookedLVLM", batch: Any, hooks: list) -> torch.Tensor:
 
 
 def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, batch_size: int = 16,
-                         divergence: str = "kl") -> np.ndarray:
+                         divergence: str = "kl", progress: bool = False) -> np.ndarray:
     """Effect of blocking image -> answer-query attention in each single layer: ``[n_layers]``.
 
     Args:
@@ -61,6 +61,7 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
         samples: clean samples.
         divergence: ``"kl"``: mean ``KL(p || p_blocked)`` of the next-token distributions at the query;
             ``"l2"``: mean L2 distance of the query's logits.
+        progress: a progress bar over the batches.
 
     Returns:
         ``[n_layers]`` float64, the mean effect per layer. A left-padded batch (the query is every sample's
@@ -81,8 +82,7 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
         # only the answer query's row loses the image keys, in one layer per variant
         variants = [key_mask_hooks(model, image_mask(batch), layers=[layer], query=batch.query_positions)
                     for layer in range(n_layers)]
-        if bool((batch.query_positions == batch.seq_len - 1).all()) and not bool(
-                (batch.input_ids[:, -1] == model.image_token_id).any()):
+        if model.decodes_last_token(batch):
             # the query is every sample's last token and only its row changes: the prompt before it runs
             # once (KV cache), each variant is one decode step
             logits = model.last_token_logits(batch, [[], *variants]).double().cpu()
@@ -103,7 +103,7 @@ def fusion_onset_profile(model: "HookedLVLM", samples: Sequence["Sample"], *, ba
     total = np.zeros(n_layers)
     # inside distributed.shared_work() each launched process computes its share of the batches; the sums are
     # added in batch order either way, so the profile is the same bits as in one process
-    for sums in distributed.map_batches(one, len(samples), batch_size):
+    for sums in distributed.map_batches(one, len(samples), batch_size, progress=progress, desc="fusion-onset scan"):
         total += sums
     return total / len(samples)
 
@@ -153,7 +153,8 @@ def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample
                             poisoned_samples: Sequence["Sample"] | None = None, window: int = 3, *,
                             rule: str = "onset", onset_fraction: float = 0.5, divergence: str = "kl",
                             text_keys: str = "post_image", batch_size: int = 16,
-                            details: dict | None = None, settings: DetectorSettings | None = None) -> list[int]:
+                            details: dict | None = None, settings: DetectorSettings | None = None,
+                            progress: bool = False) -> list[int]:
     """A contiguous window of ``window`` detection layers (see the module docstring for the rules).
 
     Args:
@@ -167,6 +168,7 @@ def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample
             ``text_keys``).
         details: if a dict is given, it receives the per-layer effects (``"effect"``) or the per-window
             AUROCs (``"aurocs"``) and the rule used, for recording with the results.
+        progress: ``"fusion_onset"``: a progress bar over the scan's batches.
 
     Returns:
         ascending 0-indexed layers.
@@ -183,7 +185,8 @@ def select_detection_layers(model: "HookedLVLM", clean_samples: Sequence["Sample
             raise InputError(f"select_detection_layers: rule={rule!r} must be one of {ONSET_RULES}")
         if not isinstance(onset_fraction, numbers.Real) or not 0.0 < float(onset_fraction) <= 1.0:
             raise InputError(f"select_detection_layers: onset_fraction={onset_fraction!r} must be in (0, 1]")
-        effect = fusion_onset_profile(model, clean_samples, batch_size=batch_size, divergence=divergence)
+        effect = fusion_onset_profile(model, clean_samples, batch_size=batch_size, divergence=divergence,
+                                      progress=progress)
         start = _window_start(effect, int(window), rule, float(onset_fraction))
         if details is not None:
             details.update(method=method, rule=rule, onset_fraction=float(onset_fraction), divergence=divergence,

@@ -329,15 +329,11 @@ class HookedLVLM:
         self._check_batch(batch)
         if not variants:
             raise InputError("last_token_logits: needs at least one hook set ([] is the unhooked model)")
-        if not bool(batch.attention_mask[:, -1].all()):
-            raise InputError("last_token_logits: the last position must be a real token of every sample "
-                             "(prepare(..., padding_side='left'))")
-        if batch.seq_len < 2:
-            raise InputError("last_token_logits: needs prompts of at least 2 positions")
-        if bool((batch.input_ids[:, -1] == self.image_token_id).any()):
-            raise InputError("last_token_logits: a prompt ends in an image token (its image must be in the prefix)")
+        problem = self._last_token_problem(batch)
+        if problem is not None:
+            raise InputError(f"last_token_logits: {problem}")
         inputs = self._inputs(batch)
-        prefix = {k: v for k, v in inputs.items()}
+        prefix = dict(inputs)
         prefix["input_ids"] = inputs["input_ids"][:, :-1]
         prefix["attention_mask"] = inputs["attention_mask"][:, :-1]
         out = self.hf_model(**prefix, use_cache=True, logits_to_keep=1)
@@ -351,6 +347,22 @@ class HookedLVLM:
             self._check_logits(logits, inputs, hooks)
             results.append(logits[:, -1])
         return torch.stack(results)
+
+    def decodes_last_token(self, batch: Batch) -> bool:
+        """Whether :meth:`last_token_logits` can run ``batch``: every sample's answer query is the batch's last
+        position (left padding), a real, non-image token after at least one other position."""
+        return self._last_token_problem(batch) is None
+
+    def _last_token_problem(self, batch: Batch) -> str | None:
+        """Why ``batch``'s last position cannot be run as one decode step after a cached prefix (``None``: it can)."""
+        if not bool(batch.attention_mask[:, -1].all()) or not bool((batch.query_positions == batch.seq_len - 1).all()):
+            return ("the last position must be a real token and every sample's query "
+                    "(prepare(..., padding_side='left'))")
+        if batch.seq_len < 2:
+            return "needs prompts of at least 2 positions"
+        if bool((batch.input_ids[:, -1] == self.image_token_id).any()):
+            return "a prompt ends in an image token (its image must be in the prefix)"
+        return None
 
     def _query_positions(self, batch: Batch, query: Any) -> torch.Tensor:
         """``[B, Q]`` absolute query positions, validated against the attention mask."""
