@@ -402,11 +402,18 @@ def test_defense_summary_is_written_from_the_tables():
     assert "hold for 1 of 2 attacks (badnet)" in line and "ASR <= 5 %, clean utility within 2 points" in line
     assert "badnet ASR 100 % -> 2.0 %, clean utility -1.2 points, FPR 1.0 %" in line
     assert "sig ASR 100 % -> 40.0 %, clean utility +0.0 points, FPR 4.0 %" in line
+    assert "decoding query" not in line  # no cleansight_generated rows, no clause
+    gen = full[full["defense"] == "cleansight"].assign(defense="cleansight_generated", asr=[0.0, 0.01],
+                                                       fpr=[0.02, 0.025], goals_met=[True, True])
+    line = defense_tables_summary(t1, t3, t4, pd.concat([full, gen])).splitlines()[-1]
+    assert "hold for 1 of 2 attacks (badnet)" in line
+    assert ("Reading every decoding query as well (`query=\"generated\"`, the paper's \"current decoding query\"): "
+            "2 of 2 attacks (badnet, sig)") in line and "sig ASR 100 % -> 1.0 %, clean utility +0.0 points, FPR 2.5 %" in line
 
 
 def test_cleansight_full_size_scores_the_goals_and_is_cached(tmp_path, llava, monkeypatch):
-    """The paper-size table on tiny-random-llava posing as two attacks (smoke counts): one undefended and one
-    default-CleanSight row per attack; ``clean_drop`` / ``goals_met`` follow the rows and CLEANSIGHT_GOALS."""
+    """The paper-size table on tiny-random-llava posing as two attacks (smoke counts): one undefended, one
+    default-CleanSight and one decoding-query CleanSight row per attack; ``clean_drop`` / ``goals_met`` follow the rows and CLEANSIGHT_GOALS."""
     from cleansight_analysis.experiments import FigureContext
     from cleansight_analysis.experiments import tables as T
 
@@ -423,9 +430,11 @@ def test_cleansight_full_size_scores_the_goals_and_is_cached(tmp_path, llava, mo
         warnings.simplefilter("ignore")
         full = T.cleansight_full_size(ctx, n_test=6, n_val=20, max_new_tokens=3)
     assert loads == ["badnet", "blended"]
-    assert list(full["defense"]) == ["none", "cleansight"] * 2 and set(full["table"]) == {"cleansight_full_size"}
-    assert list(full["n"]) == [6] * 4 and list(full["n_val"]) == [20] * 4
-    one = full[full["defense"] == "cleansight"]
+    assert list(full["defense"]) == list(T.FULL_SIZE_DEFENSES) * 2 == ["none", "cleansight", "cleansight_generated"] * 2
+    assert set(full["table"]) == {"cleansight_full_size"}
+    assert list(full["n"]) == [6] * 6 and list(full["n_val"]) == [20] * 6
+    assert "generated" in full[full["defense"] == "cleansight_generated"]["defense_settings"].iloc[0]
+    one = full[full["defense"] != "none"]
     np.testing.assert_allclose(one["clean_drop"], one["clean_utility_undefended"] - one["clean_utility"])
     g = T.CLEANSIGHT_GOALS
     want = [(r.asr <= g["asr_max"]) and (r.clean_drop <= g["clean_drop_max"] + 1e-12) and (r.fpr <= g["fpr_max"])

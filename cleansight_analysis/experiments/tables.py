@@ -62,7 +62,7 @@ TABLE1_DEFENSES: dict[str, Any] = {
 DEFENSE_KINDS: dict[str, str] = {
     "none": "none", "blur": "purifier", "st": "purifier", "shrinkpad": "purifier", "jpeg": "purifier",
     "strip": "detector", "attention_entropy": "detector", "scale_up": "detector",
-    "cleansight": "cleansight", "cleansight_all_layers": "cleansight",
+    "cleansight": "cleansight", "cleansight_all_layers": "cleansight", "cleansight_generated": "cleansight",
     "full": "cleansight", "no_detection": "ablation", "random_pruning": "ablation",
 }
 #: CleanSight as Table 3 ablates it: the mask in every layer, so that "random pruning" (masked from
@@ -411,6 +411,10 @@ def training_attempts_table(ctx: "FigureContext", attacks: Sequence[str] = MODE_
 #: calibration inputs, CleanSight's default (``docs/method.md``). The grid above uses fewer to fit every
 #: baseline into the notebook's time.
 FULL_SIZE: dict[str, int] = {"n_test": 256, "n_val": 200}
+#: The full-size table's defenses: CleanSight with every default, and with the detector reading every decoding
+#: query too (``query="generated"``, the paper's "current decoding query"; ``docs/method.md#query``).
+FULL_SIZE_DEFENSES: dict[str, Any] = {"none": "none", "cleansight": "cleansight",
+                                      "cleansight_generated": ("cleansight", {"query": "generated"})}
 #: What CleanSight with its defaults is asked to do at that size (issue 13; the paper reports ASR 0-4.74 % on
 #: all six attacks): ASR at most ``asr_max``, clean utility at most ``clean_drop_max`` below the undefended
 #: model's, false-positive rate at most ``fpr_max``.
@@ -420,8 +424,9 @@ CLEANSIGHT_GOALS: dict[str, float] = {"asr_max": 0.05, "clean_drop_max": 0.02, "
 def cleansight_full_size(ctx: "FigureContext", *, n_test: int = FULL_SIZE["n_test"],
                          n_val: int = FULL_SIZE["n_val"], max_new_tokens: int = 12,
                          batch_size: int = 32) -> "pd.DataFrame":
-    """Table 1's ``none`` and ``cleansight`` (all defaults) rows at the paper's size (cached as
-    ``table1_cleansight_full_size``).
+    """Table 1's ``none`` and ``cleansight`` (all defaults) rows at the paper's size, plus CleanSight reading
+    every decoding query (``cleansight_generated``; :data:`FULL_SIZE_DEFENSES`), cached as
+    ``table1_cleansight_full_size``.
 
     Args:
         ctx: the notebook's context (every attack of ``ctx.attacks``; smoke runs: the first one, 8 inputs).
@@ -430,7 +435,8 @@ def cleansight_full_size(ctx: "FigureContext", *, n_test: int = FULL_SIZE["n_tes
         max_new_tokens, batch_size: generation settings of :func:`evaluate`.
 
     Returns:
-        :data:`COLUMNS` rows (``table`` = ``cleansight_full_size``) plus, on the CleanSight rows,
+        :data:`COLUMNS` rows (``table`` = ``cleansight_full_size``, one per attack and defense) plus, on the
+        CleanSight rows,
         ``clean_drop`` (undefended minus defended clean utility) and ``goals_met`` (every bound of
         :data:`CLEANSIGHT_GOALS`; NaN-free rows only).
     """
@@ -439,7 +445,7 @@ def cleansight_full_size(ctx: "FigureContext", *, n_test: int = FULL_SIZE["n_tes
     attacks = list(ctx.attacks[:1]) if ctx.smoke else list(ctx.attacks)
     n_test = ctx.count(_count(n_test, "n_test"))
     n_val = SMOKE_VAL if ctx.smoke else _count(n_val, "n_val", 2)
-    defenses = {"none": "none", "cleansight": "cleansight"}
+    defenses = dict(FULL_SIZE_DEFENSES)
 
     def compute() -> "pd.DataFrame":
         kw = dict(samples=ctx.samples("test", n_test), val_samples=validation_samples(ctx, n_val), seed=ctx.seed,
@@ -455,7 +461,7 @@ def cleansight_full_size(ctx: "FigureContext", *, n_test: int = FULL_SIZE["n_tes
                                             cache=EvaluationCache(), **kw)
             parts.append(_tidy(rows, "cleansight_full_size", member=attack, attack=attack, card=card))
         out = pd.concat(parts, ignore_index=True)
-        defended = out["defense"] == "cleansight"
+        defended = out["defense"] != "none"
         out["clean_drop"] = (out["clean_utility_undefended"] - out["clean_utility"]).where(defended)
         met = ((out["asr"] <= CLEANSIGHT_GOALS["asr_max"])
                & (out["clean_drop"] <= CLEANSIGHT_GOALS["clean_drop_max"] + 1e-12)  # shares are k / n_test
@@ -577,9 +583,9 @@ def paper_comparison(t1: "pd.DataFrame", t3: "pd.DataFrame", t4: "pd.DataFrame")
     return pd.DataFrame(rows, columns=["table", "quantity", "paper", "ours"])
 
 
-__all__ = ["ABLATION_CLEANSIGHT", "CLEANSIGHT_GOALS", "COLUMNS", "DEFENSE_KINDS", "FULL_SIZE", "MIN_VAL",
-           "MODE_ATTACKS", "MODE_DEFENSES", "N_VAL", "PAPER_NOTES", "RANDOM_FRACTION", "SMOKE_SETTINGS", "SMOKE_VAL",
-           "SUMMARY_ROLES", "TABLE1_DEFENSES", "TABLE_NAMES", "adapter_lora_rows", "attack_defense_rows",
+__all__ = ["ABLATION_CLEANSIGHT", "CLEANSIGHT_GOALS", "COLUMNS", "DEFENSE_KINDS", "FULL_SIZE", "FULL_SIZE_DEFENSES",
+           "MIN_VAL", "MODE_ATTACKS", "MODE_DEFENSES", "N_VAL", "PAPER_NOTES", "RANDOM_FRACTION", "SMOKE_SETTINGS",
+           "SMOKE_VAL", "SUMMARY_ROLES", "TABLE1_DEFENSES", "TABLE_NAMES", "adapter_lora_rows", "attack_defense_rows",
            "best_baseline", "cleansight_full_size", "defense_grid", "family_members", "member_card",
            "module_ablation_rows", "paper_comparison", "smoke_defenses", "summary_table", "training_attempts_table",
            "validation_count", "validation_samples", "wide"]

@@ -33,14 +33,14 @@ DEFENSE_LABELS: dict[str, str] = {
     "none": "No defense", "blur": "Blur", "st": "ST", "shrinkpad": "ShrinkPad", "jpeg": "JPEG",
     "strip": "STRIP", "attention_entropy": "Attention entropy", "scale_up": "SCALE-UP",
     "cleansight": "CleanSight", "cleansight_all_layers": "CleanSight (mask all layers)",
-    "full": "Full CleanSight", "no_detection": "No detection (prune every input)",
+    "cleansight_generated": "CleanSight (every decoding query)", "full": "Full CleanSight", "no_detection": "No detection (prune every input)",
     "random_pruning": "Random pruning (90 % of image tokens)",
 }
 #: One colour per defense (grey: none; blues: purifiers; ochres: detectors; reds: CleanSight).
 DEFENSE_COLORS: dict[str, str] = {
     "none": "#8c8c8c", "blur": "#9ecae1", "st": "#4292c6", "shrinkpad": "#2171b5", "jpeg": "#08519c",
     "strip": "#fdd49e", "attention_entropy": "#fdae6b", "scale_up": "#e6550d",
-    "cleansight": "#d1495b", "cleansight_all_layers": "#7a1f2b",
+    "cleansight": "#d1495b", "cleansight_all_layers": "#7a1f2b", "cleansight_generated": "#a4303f",
     "full": "#7a1f2b", "no_detection": "#edae49", "random_pruning": "#00798c",
 }
 #: Panel titles of each metric.

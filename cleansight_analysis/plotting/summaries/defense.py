@@ -17,8 +17,8 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any, full: Any = None) -> str:
         t3: module ablation (``attack, defense`` in ``none / full / no_detection / random_pruning``).
         t4: Table 4, family member x defense (``member, defense, asr, tpr, fpr, auroc``).
         full: optional, CleanSight at the paper's size
-            (:func:`~cleansight_analysis.experiments.tables.cleansight_full_size`: ``none`` / ``cleansight`` rows
-            with ``clean_drop`` and ``goals_met``).
+            (:func:`~cleansight_analysis.experiments.tables.cleansight_full_size`: ``none`` / ``cleansight`` /
+            optionally ``cleansight_generated`` rows with ``clean_drop`` and ``goals_met``).
     Returns:
         Markdown bullets.
     """
@@ -72,18 +72,28 @@ def defense_tables_summary(t1: Any, t3: Any, t4: Any, full: Any = None) -> str:
 
 
 def _full_size_line(full: Any) -> str:
-    """One bullet: CleanSight's defaults at the paper's size against the goals the table was scored on."""
+    """One bullet: CleanSight's defaults at the paper's size against the goals the table was scored on, and the
+    same with every decoding query read (``cleansight_generated``) where the table has those rows."""
     none = full[full["defense"] == "none"].set_index("attack")
     one = full[full["defense"] == "cleansight"].set_index("attack")
-    met = [a for a in one.index if bool(one.loc[a, "goals_met"])]
     g = CLEANSIGHT_GOALS
-    per = "; ".join(f"{a} ASR {_pct(none.loc[a, 'asr'])} -> {_pct(one.loc[a, 'asr'], 1)}, clean utility "
-                    f"{_points(0.0 - float(one.loc[a, 'clean_drop']), 1)}, FPR {_pct(one.loc[a, 'fpr'], 1)}"
-                    for a in one.index)
-    return (f"* **At the paper's size** ({int(one['n'].iloc[0])} test inputs, {int(one['n_val'].iloc[0])} clean "
+    line = (f"* **At the paper's size** ({int(one['n'].iloc[0])} test inputs, {int(one['n_val'].iloc[0])} clean "
             f"calibration inputs, every CleanSight default): ASR <= {_pct(g['asr_max'])}, clean utility within "
-            f"{100 * g['clean_drop_max']:.0f} points and FPR <= {_pct(g['fpr_max'])} hold for {len(met)} of "
-            f"{len(one)} attacks ({', '.join(met) or 'none'}). Per attack: {per}.")
+            f"{100 * g['clean_drop_max']:.0f} points and FPR <= {_pct(g['fpr_max'])} hold for {_goals(one, none)}.")
+    gen = full[full["defense"] == "cleansight_generated"].set_index("attack")
+    if len(gen):
+        line += (" Reading every decoding query as well (`query=\"generated\"`, the paper's \"current decoding "
+                 f"query\"): {_goals(gen, none)}.")
+    return line
+
+
+def _goals(rows: Any, none: Any) -> str:
+    """``k of n attacks (met, ...). Per attack: ...`` for one CleanSight variant's rows (indexed by attack)."""
+    met = [a for a in rows.index if bool(rows.loc[a, "goals_met"])]
+    per = "; ".join(f"{a} ASR {_pct(none.loc[a, 'asr'])} -> {_pct(rows.loc[a, 'asr'], 1)}, clean utility "
+                    f"{_points(0.0 - float(rows.loc[a, 'clean_drop']), 1)}, FPR {_pct(rows.loc[a, 'fpr'], 1)}"
+                    for a in rows.index)
+    return f"{len(met)} of {len(rows)} attacks ({', '.join(met) or 'none'}). Per attack: {per}"
 
 
 __all__ = ["defense_tables_summary"]
