@@ -299,7 +299,9 @@ def mechanism() -> dict[str, str]:
 
 
 #: Attacks for which CleanSight meets every goal at the paper's size (README's status names them).
-FULL_SIZE_MET = ("badnet", "blended", "sig")
+FULL_SIZE_MET = ("badnet", "blended", "sig", "trojvlm")
+#: ... and with every decoding query read (``cleansight_generated`` rows).
+FULL_SIZE_GENERATED_MET = ("badnet", "blended", "sig", "trojvlm", "vlood")
 
 
 def full_size() -> dict[str, str]:
@@ -323,6 +325,11 @@ def full_size() -> dict[str, str]:
         out[f"{key}_first"], out[f"{key}_last"] = first, last
     for a in detected:
         out[a] = pct1(one.loc[a, "asr"])
+    gen = df[df["defense"] == "cleansight_generated"].set_index("attack")
+    met_gen = tuple(a for a in gen.index if bool(gen.loc[a, "goals_met"]))
+    assert met_gen == FULL_SIZE_GENERATED_MET, f"with query='generated' the goals hold for {met_gen}: reword the README"
+    out.update(k_gen=str(len(met_gen)), vlood_tpr=pct0(one.loc["vlood", "tpr"]), vlood_gen=pct1(gen.loc["vlood", "asr"]),
+               vlood_gen_tpr=pct0(gen.loc["vlood", "tpr"]), fpr_gen_hi=pct1(gen.loc[list(met_gen), "fpr"].max()))
     return out
 
 
@@ -442,8 +449,11 @@ FACTS: list[Fact] = [
          "size (notebook 08's last table, `table1_cleansight_full_size`: {n} test scenes per member, each clean and "
          "triggered, {n_val} clean calibration scenes, every default) one-pass CleanSight meets ASR <= 5 %, clean "
          "utility within 2 points and FPR <= 3 % for {k} of {n_attacks} attacks. ASR after the defense: BadNet "
-         "{badnet} %, Blended {blended} %, SIG {sig} %, TrojVLM {trojvlm} %, VLOOD {vlood} %, at FPR at most "
-         "{fpr_hi} %; WaNet's backdoor (ASR {wanet} %) is not detected (TPR {wanet_tpr} %). SIG's larger residual "
+         "{badnet} %, Blended {blended} %, SIG {sig} %, TrojVLM {trojvlm} %, VLOOD {vlood} % (TPR {vlood_tpr} %), at "
+         "FPR at most {fpr_hi} %; WaNet's backdoor (ASR {wanet} %) is not detected (TPR {wanet_tpr} %). With the "
+         "detector reading every decoding query as well (`query=\"generated\"`, the paper's \"current decoding "
+         "query\"; VLOOD inserts its target mid-answer) the goals hold for {k_gen} of {n_attacks}: VLOOD's ASR falls to "
+         "{vlood_gen} % (TPR {vlood_gen_tpr} %), at FPR at most {fpr_gen_hi} %. SIG's larger residual "
          "ASR in Table 1 follows from the layers the fusion-onset scan picks on its {t1_val} calibration scenes "
          "({sig_t1_first}-{sig_t1_last}) instead of {n_val} ({sig_first}-{sig_last})", full_size),
     Fact("Every BadNet window that contains layer {layer} scores {lo}-{hi}", windows),
