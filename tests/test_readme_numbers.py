@@ -333,6 +333,14 @@ def full_size() -> dict[str, str]:
     return out
 
 
+def latency_noise() -> dict[str, str]:
+    """CleanSight's batch-1 generation ratios (best and paired median) from benchmarks/results/defense_latency.json."""
+    [r] = [r for r in _bench("defense_latency")["results"] if r["mode"] == "cleansight" and r["batch"] == 1]
+    best, median = r["cpu_ratio"]["best"], r["cpu_ratio"]["paired_median"]
+    assert best <= r["goal"] < median, "the README's sentence on the batch-1 goal no longer fits: reword it"
+    return {"best": f"{best:.3f}", "median": f"{median:.3f}", "calls": str(r["calls"])}
+
+
 # ------------------------------------------------------------------------------------------ facts
 @dataclass(frozen=True)
 class Fact:
@@ -508,6 +516,8 @@ FACTS: list[Fact] = [
          "{badnet_one} %, {blended_one} %, {sig_one} % and {trojvlm_one} % (SIG: {sig_all} % with the all-layer mask) at "
          "most {cu_drop} points below the undefended clean utility; WaNet's backdoor (ASR {wanet_none} %) is not "
          "detected.", table1),
+    Fact("At batch 1 CleanSight's best-of-{calls} ratio ({best}x) meets the goal and its paired median ({median}x) "
+         "does not", latency_noise),
     Fact("Of the input detectors (Table 1; they answer flagged inputs unchanged), attention entropy flags BadNet "
          "(TPR {ent_tpr} at FPR {ent_fpr}), STRIP ({strip_tpr}) and SCALE-UP ({scale_tpr}) do not.", table1),
 ]
@@ -662,6 +672,8 @@ BENCH_MODES: dict[str, str] = {
     "undefended": "undefended generation (bridge)", "cleansight": "CleanSight one pass",
     "cleansight_flagged": "CleanSight one pass, every sample flagged", "mask_all_layers": "key mask in every layer",
     "cleansight_all_layers": "CleanSight, all-layer mask (two passes)", "authors_style": "the authors' approach",
+    "undefended_eager": "undefended generation, eager attention", "cleansight_eager": "CleanSight one pass, eager attention",
+    "mask_all_layers_eager": "key mask in every layer, eager attention",
 }
 
 
