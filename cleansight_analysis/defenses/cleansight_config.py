@@ -101,8 +101,8 @@ class CleanSightConfig:
             value of the paper's implementation details and code: a flagged input keeps only the image
             tokens its last detection layer barely attends to. On the embedded family (Fig. 6, oracle
             detector) it is the largest swept value at which no attack keeps its backdoor; the paper's
-            "balance" ``1e-3`` leaves part of TrojVLM's and ``"auto"`` most of every attack's
-            (``docs/method.md#tau``).
+            "balance" ``1e-3`` leaves part of TrojVLM's, and ``"auto"`` leaves more than half of the
+            undefended ASR for five of the six attacks (``docs/method.md#tau``).
         tau_quantile: see ``tau="auto"``.
         text_keys: denominator of the ratio: ``"post_image"`` (every key after the image block:
             instruction + template tail; the authors' code) or ``"instruction"`` (the prompt
