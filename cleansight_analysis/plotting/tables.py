@@ -33,8 +33,8 @@ DEFENSE_LABELS: dict[str, str] = {
     "none": "No defense", "blur": "Blur", "st": "ST", "shrinkpad": "ShrinkPad", "jpeg": "JPEG",
     "strip": "STRIP", "attention_entropy": "Attention entropy", "scale_up": "SCALE-UP",
     "cleansight": "CleanSight", "cleansight_all_layers": "CleanSight (mask all layers)",
-    "cleansight_generated": "CleanSight (every decoding query)", "full": "Full CleanSight", "no_detection": "No detection (prune every input)",
-    "random_pruning": "Random pruning (90 % of image tokens)",
+    "cleansight_generated": "CleanSight (every decoding query)", "full": "Full CleanSight",
+    "no_detection": "No detection (prune every input)", "random_pruning": "Random pruning (90 % of image tokens)",
 }
 #: One colour per defense (grey: none; blues: purifiers; ochres: detectors; reds: CleanSight).
 DEFENSE_COLORS: dict[str, str] = {

@@ -101,7 +101,8 @@ def perturbation_summary(sweep: Any) -> str:
             for v in pixel}
     contrast = "(pixel perturbation keeps the backdoor, attention perturbation removes it)"
     unmoved = [a for a in attacks if a not in attn_removes]  # no attention perturbation removes these
-    unmoved_reason = f"no attention perturbation removes the backdoor of {_names(unmoved)}" if attention and unmoved else None
+    unmoved_reason = (f"no attention perturbation removes the backdoor of {_names(unmoved)}"
+                      if attention and unmoved else None)
     if pixel and all(set(kept[v]) == set(attacks) for v in pixel):
         lines.append(f"* **The paper's contrast {contrast} reproduces for every attack** ({_names(attacks)}).")
     elif not any(kept.values()):
