@@ -298,6 +298,24 @@ def mechanism() -> dict[str, str]:
             "min_auroc": f2(MECHANISM["min_auroc"])}
 
 
+#: Attacks whose trigger the probe on the frozen tower misses (TPR below VISIBLE_TPR); the README names them.
+VISIBILITY_HIDDEN = ("wanet",)
+
+
+def visibility() -> dict[str, str]:
+    """Notebook 03's trigger-visibility table: the probe on the frozen tower's features, WaNet vs the rest."""
+    from cleansight_analysis.plotting.summaries.layerwise import VISIBLE_TPR
+
+    df = table("03_layerwise_detection/trigger_visibility.parquet").set_index("attack")
+    hidden = tuple(a for a in df.index if df.loc[a, "tpr"] < VISIBLE_TPR)
+    assert hidden == VISIBILITY_HIDDEN, f"the probe misses {hidden}: reword the README's visibility bullet"
+    w, others = df.loc["wanet"], df.drop(index=list(hidden))
+    return {"n_fit": f"{int(w['n_train']):,}", "n_out": f"{int(w['n_test']):,}", "w_auc": f2(w["auroc"]),
+            "w_tpr": pct0(w["tpr"]), "fpr": pct0(w["fpr_target"]), "o_auc": f2(others["auroc"].min()),
+            "o_tpr": pct0(others["tpr"].min()), "w_change": f2(w["feature_change"]),
+            "b_change": f2(df.loc["badnet", "feature_change"])}
+
+
 #: Attacks for which CleanSight meets every goal at the paper's size (README's status names them).
 FULL_SIZE_MET = ("badnet", "blended", "sig", "trojvlm")
 #: ... and with every decoding query read (``cleansight_generated`` rows).
@@ -406,7 +424,7 @@ def member_asr() -> dict[str, str]:
     import json
 
     cards = {n: json.loads((ROOT / "data" / "models" / "tiny-llava" / n / "card.json").read_text())
-             for n in ("blended", "trojvlm", "vlood")}
+             for n in ("badnet", "blended", "sig", "trojvlm", "vlood")}
     return {**{f"{n}_asr": f3(c["metrics"]["asr"]) for n, c in cards.items()},
             **{f"{n}_steps": f"{c['spec']['steps']:,}" for n, c in cards.items()}}
 
@@ -431,8 +449,9 @@ FACTS: list[Fact] = [
          "{fit_1} s -> {fit_p} s) and {small_ratio}x with `--val 32`: the goal of 0.6x is missed because start-up and "
          "model loading ({startup} s, measured on their own, in every process) and the launcher ({launcher} s) do not "
          "split; a perfect split of everything else would reach {bound}x at this size", distributed_bench),
-    Fact("poisoning implants BadNet, SIG and (at ASR {blended_asr}) Blended, only partly TrojVLM ({trojvlm_asr} in "
-         "{trojvlm_steps} steps) and VLOOD ({vlood_asr} in {vlood_steps} steps)", member_asr),
+    Fact("poisoning implants BadNet, Blended and SIG (ASR {badnet_asr}, {blended_asr} and {sig_asr}, each within 2 "
+         "points of the clean model's accuracy), only partly TrojVLM ({trojvlm_asr} in {trojvlm_steps} steps) and "
+         "VLOOD ({vlood_asr} in {vlood_steps} steps)", member_asr),
     # the embedded world (the clean model's card)
     Fact("The clean model answers count ({count}) and background ({background}) questions well, shape ({shape}) "
          "and colour ({color}) questions fairly, and \"is there a ...\" ({exists}) and left/right ({position}) "
@@ -453,6 +472,10 @@ FACTS: list[Fact] = [
     Fact("the answer query's image share rises under the trigger by at least {min_rise} in a layer before the last "
          "quarter whose head-specific AUROC is at least {min_auroc} for {k} of {n} attacks (BadNet, Blended, SIG, "
          "TrojVLM)", mechanism),
+    Fact("fitted on {n_fit} scenes (half of them warped) and scored on {n_out} others, separates warped from clean "
+         "scenes at AUROC {w_auc} and flags {w_tpr} % of the warped ones at FPR {fpr} %; for every other trigger it "
+         "reaches at least AUROC {o_auc} and TPR {o_tpr} %. The warp changes the features by {w_change} of their "
+         "length (BadNet's patch: {b_change})", visibility),
     Fact("Table 1 tests {t1_n} scenes per member so that every baseline fits into the notebook's time. At the paper's "
          "size (notebook 08's last table, `table1_cleansight_full_size`: {n} test scenes per member, each clean and "
          "triggered, {n_val} clean calibration scenes, every default) one-pass CleanSight meets ASR <= 5 %, clean "
@@ -546,7 +569,19 @@ def _default_tau_is_largest_clean_sweep() -> bool:
     return len(clean) > 0 and float(clean.max()) == CleanSightConfig().tau
 
 
+def _three_members_meet_their_goals() -> bool:
+    """BadNet, Blended and SIG are the projector-only members whose cards meet every goal (ASR, clean accuracy
+    within 2 points, false triggers)."""
+    import json
+
+    folder = ROOT / "data" / "models" / "tiny-llava"
+    met = [n for n in ("badnet", "blended", "sig", "wanet", "trojvlm", "vlood")
+           if json.loads((folder / n / "card.json").read_text())["metrics"]["goals_met"]]
+    return met == ["badnet", "blended", "sig"]
+
+
 CLAIMS: list[Claim] = [
+    Claim("each within 2 points of the clean model's accuracy", _three_members_meet_their_goals),
     Claim("no single head removes it", _no_single_head_removes_it),
     Claim("the largest swept value at which no attack keeps its backdoor", _default_tau_is_largest_clean_sweep),
 ]

@@ -5,6 +5,7 @@
 - :mod:`.runner`: defenses over clean and triggered inputs (:func:`~.runner.evaluate`), the evaluation cache;
 - :mod:`.grid`: Tables 1-4; :mod:`.sweeps`: detection and tau sweeps (Figs. 4-6);
 - :mod:`.intervention_sweeps`: perturbation and head sweeps (Figs. 1 and 9);
+- :mod:`.visibility`: can the projector see a trigger at all (a probe on the frozen tower's features);
 - :mod:`.metrics`, :mod:`.captions`, :mod:`cleansight_analysis.data.vqa_eval`: the metric primitives.
 """
 

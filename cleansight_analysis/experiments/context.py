@@ -209,9 +209,10 @@ class FigureContext:
         return out
 
     # ------------------------------------------------------------------ samples
-    def samples(self, split: str = "test", n: int | None = None) -> list[Any]:
-        """``count(n)`` samples of ``split`` (synthetic world, or the ``data`` folder's samples)."""
-        n = self.count(n)
+    def samples(self, split: str = "test", n: int | None = None, *, at_least: int = 0) -> list[Any]:
+        """``count(n)`` samples of ``split`` (synthetic world, or the ``data`` folder's samples); never fewer than
+        ``at_least``, smoke runs included (for a statistic that needs a minimum, such as a fitted probe)."""
+        n = max(self.count(n), int(at_least))
         if self.data is None:
             return synthetic_samples(split, n, seed=self.seed)
 

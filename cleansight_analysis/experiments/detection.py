@@ -42,6 +42,7 @@ from ..attention.separability import layer_separability
 from ..defenses.layers import select_detection_layers
 from ..detection import DetectorSettings
 from ..errors import InputError
+from ..evaluation.visibility import MIN_PROBE_IMAGES, trigger_visibility
 from ..evaluation.sweeps import (QUANTILES, VAL_SIZES, detection_table, layer_window_sweep, quantile_sweep,
                                  val_size_sweep)
 from .context import fmt_pct
@@ -292,6 +293,38 @@ def mechanism_table(ctx: "FigureContext", inputs: DetectionInputs, layerwise: "p
     return ctx.cached("mechanism", compute, min_rise=float(min_rise), min_auroc=float(min_auroc), **inputs.settings)
 
 
+#: Images per attack of :func:`trigger_visibility_table` (half of them triggered, a quarter held out).
+N_VISIBILITY = 2000
+
+
+def trigger_visibility_table(ctx: "FigureContext", *, n: int = N_VISIBILITY, fpr: float = 0.01) -> "pd.DataFrame":
+    """Can each attack's projector see its trigger? A probe on the frozen vision tower's features (cached).
+
+    :func:`~cleansight_analysis.evaluation.visibility.trigger_visibility` on ``n`` test images per attack (at
+    least :data:`~cleansight_analysis.evaluation.visibility.MIN_PROBE_IMAGES`, also in smoke runs), with each
+    attack's own model and trigger. It explains a backdoor that neither implants nor steals attention: a
+    trigger whose features overlap the clean ones gives the projector nothing to act on.
+
+    Returns:
+        ``attack, n_train, n_test, auroc, tpr, fpr, fpr_target, feature_change``, one row per attack.
+    """
+    import pandas as pd
+
+    if isinstance(n, bool) or not isinstance(n, int) or n < MIN_PROBE_IMAGES:
+        raise InputError(f"trigger_visibility_table: n must be an integer >= {MIN_PROBE_IMAGES}, got {n!r}")
+    count = max(ctx.count(n), MIN_PROBE_IMAGES)
+
+    def compute() -> "pd.DataFrame":
+        images = [s.image for s in ctx.samples("test", count, at_least=MIN_PROBE_IMAGES)]
+        rows = []
+        for attack in ctx.attacks:
+            model, attack_obj, _ = ctx.load(attack)
+            rows.append({"attack": attack, **trigger_visibility(model, images, attack_obj, seed=ctx.seed, fpr=fpr)})
+        return pd.DataFrame(rows)
+
+    return ctx.cached("trigger_visibility", compute, n=count, fpr=float(fpr))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fig. 4: detection windows
 # ---------------------------------------------------------------------------------------------
@@ -539,8 +572,8 @@ def fig5_comparison(quantiles: "pd.DataFrame", val_sizes: "pd.DataFrame", *, qua
     return _comparison(rows)
 
 
-__all__ = ["CHOICE_AUTO", "CHOICE_BEST", "DetectionInputs", "MECHANISM", "N_ONSET", "N_VAL", "WINDOW",
+__all__ = ["CHOICE_AUTO", "CHOICE_BEST", "DetectionInputs", "MECHANISM", "N_ONSET", "N_VAL", "N_VISIBILITY", "WINDOW",
            "detection_inputs", "detection_layer_choices", "detection_rows", "fig3_comparison", "fig4_comparison",
            "fig5_comparison", "fusion_onset_table",
            "layer_window_table", "layerwise_auroc", "layerwise_detection_table", "mechanism_table", "summarize_val_size",
-           "threshold_table", "val_size_table", "window_lengths"]
+           "threshold_table", "trigger_visibility_table", "val_size_table", "window_lengths"]

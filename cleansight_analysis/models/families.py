@@ -92,6 +92,28 @@ def _strategy(config: Any) -> str:
     return getattr(config, "vision_feature_select_strategy", "default") or "default"
 
 
+def projector_inputs(core: Any, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the projector reads: the vision tower's hidden states at ``config.vision_feature_layer`` (several
+    layers concatenated along the feature axis when it is a list), without the CLS token under the
+    ``"default"`` selection strategy.
+
+    Args:
+        core: a ``Llava*ForConditionalGeneration`` (HF; not a peft wrapper).
+        pixel_values: ``[n_images, 3, H, W]`` (LLaVA-1.5) or ``[n_tiles, 3, h, w]``, as the tower takes them.
+
+    Returns:
+        ``[n_images, n_tokens, d_vision]`` in the tower's dtype, on its device.
+    """
+    cfg = core.config
+    layer = cfg.vision_feature_layer
+    out = core.model.vision_tower(pixel_values.to(device=core.device, dtype=core.dtype), output_hidden_states=True)
+    if isinstance(layer, int):
+        feats = out.hidden_states[layer]
+    else:
+        feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+    return feats[:, 1:] if _strategy(cfg) == "default" else feats
+
+
 def _llava_layouts(config: Any, pixel_values: torch.Tensor, image_sizes: Any = None) -> list[ImageLayout]:
     """LLaVA-1.5: ``pixel_values`` is ``[n_images, 3, H, W]``."""
     patch = int(config.vision_config.patch_size)

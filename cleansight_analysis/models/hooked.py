@@ -24,8 +24,9 @@ import torch
 
 from ..errors import InputError, LayerIndexError, NumericalError
 from ..inputs.batch import Batch, check_prompt_length, max_positions, prepare_batch
+from ..inputs.images import to_rgb_image
 from ..inputs.templates import LLAVA_SYSTEM_PROMPT
-from .families import ModelFamily
+from .families import ModelFamily, projector_inputs
 from .hooknames import EMBED_IN, FINAL_NORM_OUT, UNEMBED_OUT, HookSpec, hook_attn, hook_block_out, hook_pattern
 from .rows import AttentionRows, RowRecorder, StopForward
 from .sdpa import check_mode, install_attention
@@ -292,6 +293,32 @@ class HookedLVLM:
         std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0])[:, None, None]
         img = (pix.float().cpu() * std + mean).clamp(0, 1)
         return (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+    @torch.no_grad()
+    def vision_features(self, images: Sequence[Any], *, batch_size: int = 64) -> torch.Tensor:
+        """What the projector reads for each image: the frozen vision tower's features.
+
+        Args:
+            images: images (PIL, path, array ``[H, W, C]``, tensor ``[C, H, W]``), one per entry.
+            batch_size: images per tower pass.
+
+        Returns:
+            ``[n_images, n_tokens, d_vision]`` float32 on the CPU. LLaVA-NeXT: the tiles of each image one after
+            another along the token axis (``n_tiles * tokens_per_tile``; padded tiles included), so images of one
+            size line up token for token.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"vision_features: batch_size must be a positive integer, got {batch_size!r}")
+        images = [to_rgb_image(img, f"image {i}") for i, img in enumerate(images)]
+        if not images:
+            raise InputError("vision_features: no images")
+        out = []
+        for start in range(0, len(images), batch_size):
+            pix = self.processor.image_processor(images[start:start + batch_size], return_tensors="pt")["pixel_values"]
+            n = pix.shape[0]
+            feats = projector_inputs(self.hf_model, pix.reshape(-1, *pix.shape[-3:]))
+            out.append(feats.reshape(n, -1, feats.shape[-1]).float().cpu())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ forward passes
     @torch.no_grad()

@@ -80,15 +80,21 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
 #: dynamic lambda stays 0 while the poisoned loss is high, so it trains as plain cross-entropy), and 600 steps
 #: reached ASR 0.06, 1,500 steps 0.66; 3,000 steps reached 0.74 but at 4.4 points of clean accuracy (all three
 #: attempts are in its card; the member keeps 1,500). TrojVLM at 1,200 steps and lr 5e-3 did no better than
-#: at 600 steps and lr 1e-2 (ASR 0.83, clean accuracy 0.54; in its card).
+#: at 600 steps and lr 1e-2 (ASR 0.83, clean accuracy 0.54; in its card). WaNet does not implant (ASR 0.44 at
+#: 25 points of clean accuracy): the frozen tiny tower passes little of the warp on to the projector, which notebook
+#: 03's `trigger_visibility` table measures (a probe on the features the projector reads).
+#: Blended gets 1,000 steps at lr 5e-3: at 600 steps and lr 1e-2 it reached ASR 0.947; 1,000 steps at 1e-2 reached
+#: 0.993 at 2.4 points of clean accuracy and 800 steps 0.989 at 1.4 points; 1,000 steps at 5e-3 reach 0.989 with
+#: clean accuracy unchanged (all four attempts are in its card).
 #: The ``-lora`` members are Table 4's LoRA replicates.
 READING_BACKDOORS: tuple[BackdoorSpec, ...] = tuple(
-    BackdoorSpec(name, attack, params, modes=("adapter",), steps=steps, lr={"adapter": 1e-2})
-    for name, attack, params, steps in (("badnet", "badnet", {"size": 12}, 600),
-                                        ("blended", "blended", {"alpha": 0.2}, 600), ("sig", "sig", {}, 600),
-                                        ("wanet", "wanet", {"k": 8, "s": 1.0}, 600),
-                                        ("trojvlm", "trojvlm", {"size": 12}, 600),
-                                        ("vlood", "vlood", {"size": 12}, 1500))
+    BackdoorSpec(name, attack, params, modes=("adapter",), steps=steps, lr={"adapter": lr})
+    for name, attack, params, steps, lr in (("badnet", "badnet", {"size": 12}, 600, 1e-2),
+                                            ("blended", "blended", {"alpha": 0.2}, 1000, 5e-3),
+                                            ("sig", "sig", {}, 600, 1e-2),
+                                            ("wanet", "wanet", {"k": 8, "s": 1.0}, 600, 1e-2),
+                                            ("trojvlm", "trojvlm", {"size": 12}, 600, 1e-2),
+                                            ("vlood", "vlood", {"size": 12}, 1500, 1e-2))
 ) + (
     BackdoorSpec("badnet-lora", "badnet", {"size": 12}, modes=("lora",), seed=1),
     BackdoorSpec("blended-lora", "blended", {"alpha": 0.2}, modes=("lora",), seed=1),
@@ -125,6 +131,10 @@ READING_HISTORY: tuple[str, ...] = (
     "+ 300 reading-only + 150 mixed steps (reader 'V3': one word 0.93, five words 0.37, VQA 0.70 teacher-forced): "
     "adapter BadNet 12 px, 1,000 steps, lr 1e-2: ASR 0.997, clean 0.693 (base 0.710), false triggers 0.000 "
     "(300 test questions); trigger-token share of the answer query 0.17 -> 0.45 (layer 2), 0.11 -> 0.50 (layer 3)",
+    "binding stage from this model (colour / shape / exists / position questions only, 3 turns, 300 steps "
+    "of batch 32, lr 2e-3, 496 s on one core): exists 0.50, position 0.53, colour 0.72, shape 0.75 "
+    "(before: 0.48, 0.54, 0.68, 0.67), while count, background and reading were forgotten (exact match "
+    "0.41): focused data alone does not teach this LM to bind a question's words to one object",
 )
 GOALS = {"clean_acc_min": 0.85, "asr_min": 0.95, "max_clean_drop": 0.02, "max_false_trigger": 0.01}
 

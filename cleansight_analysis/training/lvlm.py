@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..inputs.images import to_rgb_image
+from ..models.families import projector_inputs
 from ..settings import Field, Int, PositiveInt, Real, settings
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .parallel import average_gradients, is_main
@@ -59,17 +60,7 @@ def llava_core(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def vision_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Frozen vision features that the projector reads: ``[n_images, n_tokens, d_vision]`` (LLaVA-1.5)."""
-    core = llava_core(model)
-    cfg = core.config
-    layer = cfg.vision_feature_layer
-    out = core.model.vision_tower(pixel_values.to(device=core.device, dtype=core.dtype), output_hidden_states=True)
-    if isinstance(layer, int):
-        feats = out.hidden_states[layer]
-    else:
-        feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-    if cfg.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]
-    return feats
+    return projector_inputs(llava_core(model), pixel_values)
 
 
 def lvlm_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -9,9 +9,12 @@ from ._format import _layers, _names, _num, _range, attack_label
 
 #: AUROC from which a separation counts as near-perfect in the text (the paper reports ~1.0).
 NEAR_PERFECT = 0.9
+#: Held-out TPR (at the probe's FPR) below which the text calls a trigger hard for the projector to see: the rate
+#: issue 13 asks of the weakest planted backdoor (WaNet: ASR >= 0.90 with <= 1 % false triggers).
+VISIBLE_TPR = 0.9
 
 
-def layerwise_detection_summary(table: Any, mechanism: Any = None) -> str:
+def layerwise_detection_summary(table: Any, mechanism: Any = None, visibility: Any = None) -> str:
     """Markdown findings of Fig. 3 (notebook 03), written from the per-layer AUROC table.
 
     Args:
@@ -20,6 +23,8 @@ def layerwise_detection_summary(table: Any, mechanism: Any = None) -> str:
             detector's fusion-onset window), ``n_calibration, n_clean_test, n_poisoned_test``.
         mechanism: optional :func:`~cleansight_analysis.experiments.detection.mechanism_table` rows (``attack,
             layer, rise, early, steals``): adds a bullet on where the image share rises under the trigger.
+        visibility: optional :func:`~cleansight_analysis.experiments.detection.trigger_visibility_table` rows:
+            adds a bullet on which triggers the frozen vision tower lets the projector see.
 
     Returns:
         Markdown: a header with the sample counts, a bullet on which attacks show the paper's pattern
@@ -74,6 +79,8 @@ def layerwise_detection_summary(table: Any, mechanism: Any = None) -> str:
                  f"layer for {_names(contrast)}.")
     if mechanism is not None and len(mechanism):
         lines.append(_mechanism_line(mechanism))
+    if visibility is not None and len(visibility):
+        lines.append(_visibility_line(visibility))
     lines += bullets
     return "\n".join(lines)
 
@@ -102,4 +109,29 @@ def _mechanism_line(mech: Any) -> str:
             f"attacks ({_names(shown)}). Per attack: " + "; ".join(per) + ".")
 
 
-__all__ = ["NEAR_PERFECT", "layerwise_detection_summary"]
+
+def _visibility_line(vis: Any) -> str:
+    """One bullet: how well a probe on the frozen vision tower's features separates each trigger from clean images."""
+    first = vis.iloc[0]
+    fpr = _num(100 * float(first["fpr_target"]), 0)
+    hidden = vis[vis["tpr"] < VISIBLE_TPR]
+
+    def one(r: Any) -> str:
+        return (f"{attack_label(r['attack'])} AUROC {_num(r['auroc'])}, TPR {_num(100 * r['tpr'], 0)} % at FPR "
+                f"{fpr} %, feature change {_num(r['feature_change'])}")
+
+    text = (f"* **Can the projector see the trigger?** A linear probe on the frozen vision tower's features (what the "
+            f"projector reads; {int(first['n_train'])} images to fit, {int(first['n_test'])} held out, half of them "
+            f"triggered): {'; '.join(one(r) for _, r in vis.iterrows())}.")
+    if len(hidden):
+        text += (f" For {_names(list(hidden['attack']))} the probe flags fewer than {_num(100 * VISIBLE_TPR, 0)} % "
+                 f"of the triggered images at FPR {fpr} % (the rate a backdoor must reach with at most {fpr} % false "
+                 f"triggers): the trigger moves the tower's features (the relative change above) but not in one "
+                 f"direction a probe can find, so a poisoned projector has no reliable signal to act on. That caps "
+                 f"the backdoor and leaves it no distinct image tokens to steal attention with.")
+    else:
+        text += " Every trigger is plain to the projector."
+    return text
+
+
+__all__ = ["NEAR_PERFECT", "VISIBLE_TPR", "layerwise_detection_summary"]
