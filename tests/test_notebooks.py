@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 FIGURE_NOTEBOOKS = {
     "01_pixel_vs_attention_perturbation": ["fig1_pixel_vs_attention"],
     "02_attention_stealing": ["fig2_attention_stealing"],
-    "03_layerwise_detection": ["fig3_layerwise_detection"],
+    "03_layerwise_detection": ["fig3_layerwise_detection", "fig3_trigger_visibility"],
     "04_detection_layer_sweep": ["fig4_detection_layer_sweep"],
     "05_threshold_and_validation_size": ["fig5_threshold_and_validation_size"],
     "06_pruning_threshold": ["fig6_pruning_threshold"],

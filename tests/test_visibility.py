@@ -111,3 +111,25 @@ def test_visibility_summary_line():
     assert "For WaNet" not in seen and "Every trigger is plain to the projector." in seen
     assert "TPR 95 %" in seen
     assert S.layerwise.VISIBLE_TPR == 0.9
+
+
+def test_visibility_plot_marks_the_hidden_trigger():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    from cleansight_analysis.plotting.detection import VISIBLE_TPR, plot_trigger_visibility
+
+    fig = plot_trigger_visibility(_visibility())
+    ax_auc, ax_tpr = fig.axes
+    # bars run top to bottom in table order: BadNet, then WaNet (below the line: warning colour)
+    bars = sorted(ax_tpr.patches, key=lambda b: -b.get_y())
+    assert [round(b.get_width(), 3) for b in bars] == [1.0, 0.23]
+    assert to_hex(bars[0].get_facecolor()) != to_hex(bars[1].get_facecolor())
+    names = {round(float(pos)): t.get_text() for pos, t in zip(ax_auc.get_yticks(), ax_auc.get_yticklabels())}
+    assert names == {1: "BadNet", 0: "WaNet"}  # the first row on top
+    assert any(abs(line.get_xdata()[0] - VISIBLE_TPR) < 1e-12 for line in ax_tpr.lines)
+    assert "1500 images to fit, 500 held out" in fig._suptitle.get_text()
+    plt.close(fig)

@@ -18,6 +18,9 @@ ATTACK_LABELS = {"badnet": "BadNet", "blended": "Blended", "sig": "SIG", "wanet"
 SCORE_COLORS = {"vector": "#1d3557", "mean": "#e76f51"}
 #: Shading of the detection layers chosen by the fusion-onset scan.
 DETECTION_SHADE = "#f4d58d"
+#: Held-out TPR of the trigger-visibility probe (at its FPR) below which a trigger counts as hard for the projector
+#: to see: the rate issue 13 asks of the weakest planted backdoor (WaNet: ASR >= 0.90 with <= 1 % false triggers).
+VISIBLE_TPR = 0.9
 #: The paper's Fig. 5 reading (BadNet, LLaVA-1.5-7B, |D_val| = 200, q = 0.99).
 PAPER_FIG5 = {"quantile": 0.99, "n_val": 200, "tpr": 1.00, "fpr": 0.03, "fpr_at_10": 0.20}
 
@@ -133,6 +136,52 @@ def plot_layerwise_detection(table: Any, onset: Any = None, *, title: str | None
     fig.suptitle(title or "Per-layer detection AUROC: head-specific stealing vector vs head average",
                  fontweight="bold", y=1.0)
     fig.subplots_adjust(bottom=0.22 if onset is not None else 0.28, top=0.86, wspace=0.08)
+    return fig
+
+
+def plot_trigger_visibility(table: Any, *, title: str | None = None):
+    """Can the projector see each trigger? The probe of ``trigger_visibility_table``, one bar per attack.
+
+    Args:
+        table: ``attack, auroc, tpr, fpr_target, feature_change`` and optionally ``n_train, n_test`` (in the title).
+
+    Returns:
+        the Figure: left, the probe's held-out AUROC (chance 0.5); right, the share of triggered images it flags
+        at the table's FPR, with the line at :data:`VISIBLE_TPR`; bars below that line are drawn in the warning
+        colour, and each bar carries its value and the trigger's relative feature change.
+    """
+    import matplotlib.pyplot as plt
+
+    _require(table, ("attack", "auroc", "tpr", "fpr_target", "feature_change"), "plot_trigger_visibility")
+    set_style()
+    rows = table.reset_index(drop=True)
+    labels = [attack_label(a) for a in rows["attack"]]
+    y = np.arange(len(rows))[::-1]
+    hidden = rows["tpr"].to_numpy() < VISIBLE_TPR
+    colors = np.where(hidden, "#e76f51", SCORE_COLORS["vector"])
+    fpr = 100 * float(rows["fpr_target"].iloc[0])
+    fig, (ax_auc, ax_tpr) = plt.subplots(1, 2, figsize=(10.5, 1.2 + 0.55 * len(rows)), sharey=True)
+    ax_auc.barh(y, rows["auroc"], color=colors, height=0.6)
+    ax_auc.axvline(0.5, color="0.45", ls="--", lw=1.2)
+    ax_auc.set_xlim(0.4, 1.05)
+    ax_auc.set_xlabel("probe AUROC, triggered vs clean (held out)")
+    ax_tpr.barh(y, rows["tpr"], color=colors, height=0.6)
+    ax_tpr.axvline(VISIBLE_TPR, color="0.3", ls=":", lw=1.4)
+    ax_tpr.text(VISIBLE_TPR, y.max() + 0.55, f"{100 * VISIBLE_TPR:.0f} % (a planted backdoor's rate)", va="bottom",
+                ha="center", fontsize=9, color="0.3")
+    ax_tpr.set_xlim(0, 1.18)
+    ax_tpr.set_xlabel(f"triggered images flagged at FPR {fpr:.0f} %")
+    for yi, (_, r) in zip(y, rows.iterrows()):
+        ax_auc.text(float(r["auroc"]) + 0.005, yi, f"{r['auroc']:.2f}", va="center", fontsize=9)
+        ax_tpr.text(float(r["tpr"]) + 0.01, yi, f"{100 * r['tpr']:.0f} %  (feature change {r['feature_change']:.2f})",
+                    va="center", fontsize=9)
+    ax_auc.set_yticks(y, labels)
+    n_text = ""
+    if {"n_train", "n_test"} <= set(rows.columns):
+        n_text = f" ({int(rows['n_train'].iloc[0])} images to fit, {int(rows['n_test'].iloc[0])} held out)"
+    fig.suptitle(title or f"Can the projector see the trigger? A linear probe on the frozen tower's features{n_text}",
+                 fontweight="bold", fontsize=11)
+    fig.tight_layout()
     return fig
 
 
@@ -298,5 +347,5 @@ def plot_threshold_and_val_size(quantiles: Any, val_sizes: Any, *, paper: bool =
     return fig
 
 
-__all__ = ["ATTACK_LABELS", "PAPER_FIG5", "attack_label", "plot_layer_window_sweep", "plot_layerwise_detection",
-           "plot_threshold_and_val_size"]
+__all__ = ["ATTACK_LABELS", "PAPER_FIG5", "VISIBLE_TPR", "attack_label", "plot_layer_window_sweep",
+           "plot_layerwise_detection", "plot_threshold_and_val_size", "plot_trigger_visibility"]

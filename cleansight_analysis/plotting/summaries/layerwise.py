@@ -5,13 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ...experiments.detection import MECHANISM
+from ..detection import VISIBLE_TPR
 from ._format import _layers, _names, _num, _range, attack_label
 
 #: AUROC from which a separation counts as near-perfect in the text (the paper reports ~1.0).
 NEAR_PERFECT = 0.9
-#: Held-out TPR (at the probe's FPR) below which the text calls a trigger hard for the projector to see: the rate
-#: issue 13 asks of the weakest planted backdoor (WaNet: ASR >= 0.90 with <= 1 % false triggers).
-VISIBLE_TPR = 0.9
 
 
 def layerwise_detection_summary(table: Any, mechanism: Any = None, visibility: Any = None) -> str:
