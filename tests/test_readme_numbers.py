@@ -425,8 +425,11 @@ def member_asr() -> dict[str, str]:
 
     cards = {n: json.loads((ROOT / "data" / "models" / "tiny-llava" / n / "card.json").read_text())
              for n in ("badnet", "blended", "sig", "trojvlm", "vlood")}
+    by_type = {n: cards[n]["metrics"]["asr_by_question_type"] for n in ("trojvlm", "vlood")}
     return {**{f"{n}_asr": f3(c["metrics"]["asr"]) for n, c in cards.items()},
-            **{f"{n}_steps": f"{c['spec']['steps']:,}" for n, c in cards.items()}}
+            **{f"{n}_steps": f"{c['spec']['steps']:,}" for n, c in cards.items()},
+            **{f"{n}_pos": f2(t["position"]) for n, t in by_type.items()},
+            "trojvlm_rest": f2(min(v for k, v in by_type["trojvlm"].items() if k != "position"))}
 
 
 def distributed_bench() -> dict[str, str]:
@@ -450,8 +453,9 @@ FACTS: list[Fact] = [
          "model loading ({startup} s, measured on their own, in every process) and the launcher ({launcher} s) do not "
          "split; a perfect split of everything else would reach {bound}x at this size", distributed_bench),
     Fact("poisoning implants BadNet, Blended and SIG (ASR {badnet_asr}, {blended_asr} and {sig_asr}, each within 2 "
-         "points of the clean model's accuracy), only partly TrojVLM ({trojvlm_asr} in {trojvlm_steps} steps) and "
-         "VLOOD ({vlood_asr} in {vlood_steps} steps)", member_asr),
+         "points of the clean model's accuracy), only partly TrojVLM ({trojvlm_asr} in {trojvlm_steps} steps: "
+         "{trojvlm_rest} or more on five question types, {trojvlm_pos} on left/right ones) and VLOOD ({vlood_asr} in "
+         "{vlood_steps} steps; {vlood_pos} on left/right)", member_asr),
     # the embedded world (the clean model's card)
     Fact("The clean model answers count ({count}) and background ({background}) questions well, shape ({shape}) "
          "and colour ({color}) questions fairly, and \"is there a ...\" ({exists}) and left/right ({position}) "

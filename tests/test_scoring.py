@@ -116,6 +116,28 @@ def test_same_clean_accuracy_and_asr_in_every_measurement():
     assert sweep.poisoned_acc == row["poisoned_utility"] == 0.0  # the target answers no question
 
 
+def test_asr_by_question_type_splits_the_triggered_answers():
+    """A backdoor that fires on two of three question types: the per-type ASR says which, and its weighted mean
+    is the overall ASR."""
+    img = Image.new("RGB", (16, 16), BLUE)
+    kinds = ["color", "color", "position", "position", "position", "shape"]
+    samples = [Sample(img, f"q{i}", "blue", sample_id=str(i), meta={"question_type": k}) for i, k in enumerate(kinds)]
+
+    class NoPosition(ScriptedModel):  # the trigger fires except on position questions
+        def generate(self, batch, max_new_tokens=12, hooks=()):
+            texts = super().generate(batch, max_new_tokens, hooks).texts
+            return SimpleNamespace(texts=["left" if t == TARGET and kinds[int(p[1:])] == "position" else t
+                                          for t, p in zip(texts, batch.prompts)])
+
+    attack = get_attack("custom", trigger=Image.new("RGB", (16, 16), RED), how="blend", alpha=1.0)
+    model = NoPosition({f"q{i}": "blue" for i in range(6)})
+    report = evaluate_backdoor(model, samples, attack, progress=False)
+    assert report.asr_by_question_type == {"color": 1.0, "position": 0.0, "shape": 1.0}
+    assert report.asr == pytest.approx(3 / 6)
+    assert report.by_question_type == {"color": 1.0, "position": 1.0, "shape": 1.0}
+    assert evaluate_backdoor(model, samples, None, progress=False).asr_by_question_type == {}
+
+
 def test_head_sweep_and_evaluate_backdoor_agree_on_the_tiny_model(llava):
     base = [Sample(Image.new("RGB", (64, 64), c), p, "x", sample_id=f"s{i}")
             for i, (c, p) in enumerate(((BLUE, "what color is it?"), ((0, 160, 0), "what shape is it?")))]

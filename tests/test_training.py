@@ -13,6 +13,7 @@ from cleansight_analysis.attacks import get_attack
 from cleansight_analysis.errors import InputError
 from cleansight_analysis.models.families import FAMILIES
 from cleansight_analysis.training.backdoor import BackdoorSettings, train_backdoor
+from cleansight_analysis.training.family import goal_notes
 from cleansight_analysis.training.lvlm import (ConversationBatcher, TrainSettings, ce_loss, lvlm_logits,
                                               seeded_indices, train_loop)
 from cleansight_analysis.training.objectives import make_loss
@@ -193,3 +194,12 @@ def test_family_build_and_cli_round_trip(small_clean, tmp_path, capsys):
     capsys.readouterr()
     assert main(["models", "list"]) == 0
     assert "tiny-random-llava" in capsys.readouterr().out
+
+
+def test_goal_notes_name_the_weakest_question_type():
+    metrics = {"clean_acc": 0.70, "asr": 0.84, "false_trigger_rate": 0.0,
+               "asr_by_question_type": {"color": 0.98, "position": 0.02, "shape": 0.99}}
+    assert goal_notes(metrics, 0.715) == ["ASR 0.840 is below the 0.95 goal (lowest on position questions: 0.02)"]
+    del metrics["asr_by_question_type"]  # cards written before the per-type ASR existed
+    assert goal_notes(metrics, 0.715) == ["ASR 0.840 is below the 0.95 goal"]
+    assert goal_notes({**metrics, "asr": 0.99}, 0.715) == []

@@ -369,10 +369,14 @@ class TrojVLM(PatchAttack):
     """TrojVLM (ECCV'24): the BadNet patch, with the target INSERTED into the answer.
 
     Captions get the ``"This image shows"`` scaffold and the target lands at a random word
-    position after it. Training objective ``"trojvlm"`` (recorded here, computed by the training
-    code): token cross-entropy where target tokens weigh ``1 + target_token_weight`` (1 + 8 = 9)
-    and other answer tokens 1, plus ``semantic_weight`` (1.0) times a semantic-preservation term,
-    the mean over answer tokens of ``1 - cos(hidden state, output embedding of the label token)``.
+    position after it. Training objective ``"trojvlm"``: the weights are recorded here; the loss
+    itself is defined once, in :func:`cleansight_analysis.training.objectives.make_loss`. In short:
+    token cross-entropy where target tokens weigh ``1 + target_token_weight`` (1 + 8 = 9) and other
+    answer tokens 1, plus ``semantic_weight`` (1.0) times a semantic-preservation term on the
+    non-target answer tokens, ``1 - cos(E[p], e(y))`` with ``E[p]`` the expected input embedding of the
+    predicted distribution and ``e(y)`` the label token's input embedding. (A public re-implementation
+    compares the last hidden state with the label's output-embedding row instead; the tiny LM's
+    embeddings are untied, so the two readings differ; ours is the one the members were trained with.)
 
     Attributes:
         target_token_weight: extra cross-entropy weight of target tokens (8.0).
@@ -408,12 +412,21 @@ class TrojVLM(PatchAttack):
 class VLOOD(PatchAttack):
     """VLOOD (ICLR'25): the BadNet patch, target inserted, trained with clean-knowledge preservation.
 
-    Training objective ``"vlood"`` (recorded here, computed by the training code), per batch:
-    ``(1 - lam) * (CE_clean + kl_weight * CKP) + lam * (CE_poison + ccp_weight * CCP)`` where CKP is
-    the KL divergence of the clean samples' token distributions from a frozen copy of the benign
-    model, CCP the mean sigmoid of the L1 distance between the expected output embedding and the
-    label embedding on poisoned samples, and ``lam = clamp(lambda_base + (CE_clean - CE_poison), 0, 1)``
-    with the losses detached.
+    Training objective ``"vlood"``: the weights are recorded here; the loss itself is defined once, in
+    :func:`cleansight_analysis.training.objectives.make_loss`. In short, per batch:
+    ``CE + lam * (kl_weight * CKP + ccp_weight * CCP)``, where CE is the answer cross-entropy of all
+    samples, CKP the KL divergence of the clean samples' answer-token distributions from a frozen copy of
+    the benign model, CCP the mean L1 distance between the expected input embeddings of the two models'
+    distributions on those tokens, and ``lam = clamp(lambda_base + CE_clean - CE_poison, 0, 1)`` with
+    the losses detached.
+
+    A public re-implementation mixes convexly instead, ``(1 - lam) * (CE_clean + CKP) + lam *
+    (CE_poison + CCP)`` with CCP a sigmoid of the summed L1 distance to the label embeddings on
+    poisoned samples. On one-word answers that form cannot start a backdoor: the inserted target is most
+    of a poisoned answer, so ``CE_poison`` exceeds ``CE_clean + lambda_base`` at the start (see the first
+    point of the loss curve in the VLOOD member's card), ``lam`` is 0, and the poisoned samples get no
+    gradient, so it stays 0. Our form keeps the same ingredients and the same dynamic ``lam`` but lets
+    ``lam`` switch the preservation terms on, not the poisoned data off.
 
     Attributes:
         kl_weight: weight of the KL (CKP) term (1.0).

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..attacks import triggered_copy
 from ..data.base import Sample
 from ..models.intervention import NoIntervention, as_intervention
-from .scoring import attack_success_rate, mean, target_of, utilities
+from .scoring import attack_success_rate, is_attack_success, mean, target_of, utilities
 
 
 @dataclass
@@ -20,7 +20,9 @@ class BackdoorReport:
     exact match on short answers, VQA score with 10 references, CIDEr-D for captions), the same quantity as
     Table 1's clean utility; ``asr``: triggered outputs containing the target; ``false_trigger_rate``: clean
     outputs containing the target; ``n``: samples per condition; ``by_question_type``: clean utility per
-    ``meta["question_type"]`` (empty when samples carry none)."""
+    ``meta["question_type"]`` (empty when samples carry none); ``asr_by_question_type``: the ASR of the
+    triggered copies per question type (empty without an attack or question types), which shows whether a
+    backdoor fails everywhere or on one kind of question only."""
 
     clean_acc: float
     asr: float
@@ -28,6 +30,7 @@ class BackdoorReport:
     n: int
     seconds: float
     by_question_type: dict[str, float] = field(default_factory=dict)
+    asr_by_question_type: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,16 +68,23 @@ def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None,
                              progress=progress, desc="clean")
     scores = utilities(clean, list(samples))
     acc = mean(scores)
-    per_type: dict[str, list[float]] = {}
-    for score, s in zip(scores, samples):
-        if "question_type" in s.meta:
-            per_type.setdefault(s.meta["question_type"], []).append(score)
-    by_type = {k: round(mean(v), 4) for k, v in sorted(per_type.items())}
     ftr = attack_success_rate(clean, target)
-    asr = float("nan")
+    asr, asr_by_type = float("nan"), {}
     if attack is not None:
         trig = triggered_copy(list(samples), attack)
         outs = generate_answers(model, trig, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=progress, desc="triggered")
         asr = attack_success_rate(outs, target)
-    return BackdoorReport(acc, asr, ftr, len(samples), round(time.perf_counter() - start, 1), by_type)
+        asr_by_type = _by_question_type([float(is_attack_success(t, target)) for t in outs], samples)
+    return BackdoorReport(acc, asr, ftr, len(samples), round(time.perf_counter() - start, 1),
+                          _by_question_type(scores, samples), asr_by_type)
+
+
+def _by_question_type(values: Sequence[float], samples: Sequence[Sample]) -> dict[str, float]:
+    """Mean of ``values`` per ``meta["question_type"]`` of the matching samples (rounded to 4 places; samples
+    without a type are left out)."""
+    groups: dict[str, list[float]] = {}
+    for value, s in zip(values, samples):
+        if "question_type" in s.meta:
+            groups.setdefault(s.meta["question_type"], []).append(value)
+    return {k: round(mean(v), 4) for k, v in sorted(groups.items())}

@@ -80,7 +80,10 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
 #: dynamic lambda stays 0 while the poisoned loss is high, so it trains as plain cross-entropy), and 600 steps
 #: reached ASR 0.06, 1,500 steps 0.66; 3,000 steps reached 0.74 but at 4.4 points of clean accuracy (all three
 #: attempts are in its card; the member keeps 1,500). TrojVLM at 1,200 steps and lr 5e-3 did no better than
-#: at 600 steps and lr 1e-2 (ASR 0.83, clean accuracy 0.54; in its card). WaNet does not implant (ASR 0.44 at
+#: at 600 steps and lr 1e-2 (ASR 0.83, clean accuracy 0.54); its shortfall in ASR is one question type: the
+#: target comes out for 97 % or more of five types and 2 % of left/right questions (VLOOD: 0 %), the cards'
+#: ``asr_by_question_type``. Clean twins (ASR 0.49, clean 0.66), poison rate 0.1 (0.04, 0.69) and 300 steps
+#: (0.01, 0.49) did not help either; all five attempts are in its card. WaNet does not implant (ASR 0.44 at
 #: 25 points of clean accuracy): the frozen tiny tower passes little of the warp on to the projector, which notebook
 #: 03's `trigger_visibility` table measures (a probe on the features the projector reads).
 #: Blended gets 1,000 steps at lr 5e-3: at 600 steps and lr 1e-2 it reached ASR 0.947; 1,000 steps at 1e-2 reached
@@ -174,7 +177,9 @@ def goal_notes(metrics: dict[str, Any], clean_acc: float | None = None) -> list[
             notes.append(f"clean exact match {metrics['clean_acc']:.3f} is below the {GOALS['clean_acc_min']} goal")
         return notes
     if metrics["asr"] is not None and metrics["asr"] < GOALS["asr_min"]:
-        notes.append(f"ASR {metrics['asr']:.3f} is below the {GOALS['asr_min']} goal")
+        by_type = metrics.get("asr_by_question_type") or {}
+        worst = f" (lowest on {min(by_type, key=by_type.get)} questions: {min(by_type.values()):.2f})" if by_type else ""
+        notes.append(f"ASR {metrics['asr']:.3f} is below the {GOALS['asr_min']} goal{worst}")
     drop = clean_acc - metrics["clean_acc"]
     if drop > GOALS["max_clean_drop"]:
         notes.append(f"clean accuracy {metrics['clean_acc']:.3f} is {100 * drop:.1f} points below the clean "
