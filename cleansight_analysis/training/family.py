@@ -78,8 +78,8 @@ TINY_BACKDOORS: tuple[BackdoorSpec, ...] = (
 #: (0.18 -> 0.12); on an earlier, weaker reader 600 steps gave 0.26 (docs/world-v2-study.md). VLOOD gets
 #: 1,500 steps: its target is inserted at a random word position without TrojVLM's 9x target-token weight (its
 #: dynamic lambda stays 0 while the poisoned loss is high, so it trains as plain cross-entropy), and 600 steps
-#: reached ASR 0.06, 1,500 steps 0.66; 3,000 steps reached 0.74 but at 4.4 points of clean accuracy (all three
-#: attempts are in its card; the member keeps 1,500). TrojVLM at 1,200 steps and lr 5e-3 did no better than
+#: reached ASR 0.06, 1,500 steps 0.66; 3,000 steps reached 0.74 but at 4.4 points of clean accuracy, and 1,500 steps
+#: at lr 2e-2 0.78 at 3.4 points (all four attempts are in its card; the member keeps 1,500 at 1e-2). TrojVLM at 1,200 steps and lr 5e-3 did no better than
 #: at 600 steps and lr 1e-2 (ASR 0.83, clean accuracy 0.54); its shortfall in ASR is one question type: the
 #: target comes out for 97 % or more of five types and 2 % of left/right questions (VLOOD: 0 %), the cards'
 #: ``asr_by_question_type``. Clean twins (ASR 0.49, clean 0.66), poison rate 0.1 (0.04, 0.69) and 300 steps
