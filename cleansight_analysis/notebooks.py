@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,32 @@ def find_notebooks(notebook_dir: str | Path, only: Iterable[str] | None = None) 
         wanted = list(only)
         paths = [p for p in paths if any(w in p.stem for w in wanted)]
     return paths
+
+
+def expected_seconds(results_dir: str | Path, executed: str | Path | None = None) -> float:
+    """What one notebook last cost, for scheduling: the summed ``seconds`` of the table manifests in its
+    ``results_dir`` (each cached table records how long it took to compute), else the duration papermill wrote
+    into its last executed copy ``executed``, else 0 (unknown). Unreadable files count as unknown."""
+    total = 0.0
+    for manifest in Path(results_dir).glob("*.manifest.json"):
+        try:
+            total += float(json.loads(manifest.read_text()).get("seconds") or 0.0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    if total > 0 or executed is None:
+        return total
+    try:
+        meta = json.loads(Path(executed).read_text())["metadata"]["papermill"]
+        return float(meta.get("duration") or 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def longest_first(tasks: list[tuple], costs: list[float]) -> list[tuple]:
+    """``tasks`` ordered by ``costs``, largest first (ties keep their order): with several workers the
+    longest notebook starts at once instead of last, so the run ends closer to its longest notebook."""
+    order = sorted(range(len(tasks)), key=lambda i: -costs[i])
+    return [tasks[i] for i in order]
 
 
 def _execute(path: str, out: str, parameters: dict[str, Any], cwd: str) -> dict[str, Any]:
@@ -59,8 +86,9 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         results_dir: root of the cached result tables, one sub-folder per notebook; default
             ``<repo>/data/results`` for full runs (shipped, so a clean clone reuses them) and
             ``<output_dir>/../results-smoke`` for smoke runs.
-        jobs: notebooks executed at once (each in its own kernel, one torch thread). A table shared by
-            notebooks running at the same time may be computed twice (writes are atomic, so never torn).
+        jobs: notebooks executed at once (each in its own kernel, one torch thread), longest first by
+            :func:`expected_seconds` (file order where nothing is known). A table shared by notebooks running
+            at the same time may be computed twice (writes are atomic, so never torn).
         recompute: ignore cached tables and compute everything again (each table once: the notebooks get
             this call's start time, and tables created after it are reused).
         parameters: extra papermill parameters given to every notebook (e.g. ``{"model": path}``). With a
@@ -68,7 +96,7 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
             ``results-<name>``, so the shipped gallery and tables of the embedded model stay as they are.
 
     Returns:
-        one record per notebook with its name, seconds and output path.
+        one record per notebook with its name, seconds and output path, in file order.
     """
     import papermill as pm
 
@@ -94,8 +122,9 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         raise FileNotFoundError(f"no notebooks found in {notebook_dir}")
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    tasks = []
+    tasks, costs = [], []
     for path in notebooks:
+        costs.append(expected_seconds(Path(params["results_dir"]) / path.stem, output_dir / path.name))
         nb_params = dict(params, results_dir=str(Path(params["results_dir"]) / path.stem))
         declared = set(pm.inspect_notebook(str(path)))
         # the runner's own settings go only to notebooks that declare them; the caller's always go
@@ -109,9 +138,11 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
             log(f"  done in {records[-1]['seconds']:.1f} s -> {records[-1]['output']}")
         return records
 
-    log(f"running {len(tasks)} notebooks, {jobs} at a time (smoke={smoke}, recompute={recompute}) ...")
+    log(f"running {len(tasks)} notebooks, {jobs} at a time, longest first by their last run "
+        f"(smoke={smoke}, recompute={recompute}) ...")
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for record in pool.map(_execute, *zip(*tasks)):
+        for record in pool.map(_execute, *zip(*longest_first(tasks, costs))):
             log(f"  {record['notebook']} done in {record['seconds']:.1f} s -> {record['output']}")
             records.append(record)
-    return records
+    names = [Path(task[0]).name for task in tasks]
+    return sorted(records, key=lambda r: names.index(r["notebook"]))

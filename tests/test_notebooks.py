@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cleansight_analysis.notebooks import expected_seconds, longest_first
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 #: Every paper figure / table notebook and the figure files (stems; PNG + PDF) it must write.
@@ -78,3 +80,21 @@ def test_smoke_run_writes_figures(tmp_path):
         assert any((tmp_path / "results-smoke" / stem).glob("*.manifest.json")), f"{stem} cached no table"
     results = tmp_path / "results-smoke" / "00_quickstart"
     assert (results / "group_mass.csv").is_file() and (results / "manifest.json").is_file()
+
+
+def test_expected_seconds_reads_the_manifests_then_the_last_executed_copy(tmp_path):
+    results, executed = tmp_path / "results", tmp_path / "nb.ipynb"
+    results.mkdir()
+    assert expected_seconds(results) == 0.0 and expected_seconds(results, executed) == 0.0  # nothing known
+    executed.write_text(json.dumps({"metadata": {"papermill": {"duration": 12.5}}}))
+    assert expected_seconds(results, executed) == 12.5
+    (results / "a.manifest.json").write_text(json.dumps({"seconds": 30.0}))
+    (results / "b.manifest.json").write_text(json.dumps({"seconds": 4.5}))
+    (results / "broken.manifest.json").write_text("{not json")
+    (results / "table.csv").write_text("seconds\n999\n")  # only manifests count
+    assert expected_seconds(results, executed) == 34.5
+
+
+def test_longest_first_starts_the_longest_and_keeps_ties_in_order():
+    assert longest_first(["a", "b", "c", "d"], [5.0, 0.0, 60.0, 0.0]) == ["c", "a", "b", "d"]
+    assert longest_first(["a", "b"], [0.0, 0.0]) == ["a", "b"]  # nothing known: file order
