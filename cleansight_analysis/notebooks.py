@@ -28,23 +28,30 @@ def find_notebooks(notebook_dir: str | Path, only: Iterable[str] | None = None) 
     return paths
 
 
-def expected_seconds(results_dir: str | Path, executed: str | Path | None = None) -> float:
+#: Per notebook, the seconds its last full recompute of the embedded model took (written next to the notebooks by
+#: ``run_notebooks(recompute=True)`` over all of them): the schedule's fallback when no table manifest is left.
+RUN_SECONDS = "run_seconds.json"
+
+
+def expected_seconds(results_dir: str | Path, recorded: float | None = None) -> float:
     """What one notebook last cost, for scheduling: the summed ``seconds`` of the table manifests in its
-    ``results_dir`` (each cached table records how long it took to compute), else the duration papermill wrote
-    into its last executed copy ``executed``, else 0 (unknown). Unreadable files count as unknown."""
+    ``results_dir`` (each cached table records how long it took to compute), else ``recorded`` (its entry in
+    :data:`RUN_SECONDS`), else 0 (unknown). Unreadable manifests count as unknown."""
     total = 0.0
     for manifest in Path(results_dir).glob("*.manifest.json"):
         try:
             total += float(json.loads(manifest.read_text()).get("seconds") or 0.0)
         except (OSError, ValueError, TypeError, AttributeError):
             continue
-    if total > 0 or executed is None:
-        return total
+    return total if total > 0 else float(recorded or 0.0)
+
+
+def _recorded_seconds(notebook_dir: Path) -> dict[str, float]:
     try:
-        meta = json.loads(Path(executed).read_text())["metadata"]["papermill"]
-        return float(meta.get("duration") or 0.0)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0
+        data = json.loads((notebook_dir / RUN_SECONDS).read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 def longest_first(tasks: list[tuple], costs: list[float]) -> list[tuple]:
@@ -122,9 +129,9 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
         raise FileNotFoundError(f"no notebooks found in {notebook_dir}")
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    tasks, costs = [], []
+    tasks, costs, recorded = [], [], _recorded_seconds(notebook_dir)
     for path in notebooks:
-        costs.append(expected_seconds(Path(params["results_dir"]) / path.stem, output_dir / path.name))
+        costs.append(expected_seconds(Path(params["results_dir"]) / path.stem, recorded.get(path.stem)))
         nb_params = dict(params, results_dir=str(Path(params["results_dir"]) / path.stem))
         declared = set(pm.inspect_notebook(str(path)))
         # the runner's own settings go only to notebooks that declare them; the caller's always go
@@ -136,13 +143,18 @@ def run_notebooks(notebook_dir: str | Path = "notebooks", output_dir: str | Path
             log(f"running {Path(task[0]).name} (smoke={smoke}, recompute={recompute}) ...")
             records.append(_execute(*task))
             log(f"  done in {records[-1]['seconds']:.1f} s -> {records[-1]['output']}")
-        return records
-
-    log(f"running {len(tasks)} notebooks, {jobs} at a time, longest first by their last run "
-        f"(smoke={smoke}, recompute={recompute}) ...")
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for record in pool.map(_execute, *zip(*longest_first(tasks, costs))):
-            log(f"  {record['notebook']} done in {record['seconds']:.1f} s -> {record['output']}")
-            records.append(record)
-    names = [Path(task[0]).name for task in tasks]
-    return sorted(records, key=lambda r: names.index(r["notebook"]))
+    else:
+        log(f"running {len(tasks)} notebooks, {jobs} at a time, longest first by their last run "
+            f"(smoke={smoke}, recompute={recompute}) ...")
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for record in pool.map(_execute, *zip(*longest_first(tasks, costs))):
+                log(f"  {record['notebook']} done in {record['seconds']:.1f} s -> {record['output']}")
+                records.append(record)
+        names = [Path(task[0]).name for task in tasks]
+        records.sort(key=lambda r: names.index(r["notebook"]))
+    default_results = Path(results_dir).resolve() == (notebook_dir.parent / "data" / "results").resolve()
+    if recompute and not smoke and not only and model is None and default_results:
+        # a full recompute of the embedded model: what the next schedule falls back on without manifests
+        (notebook_dir / RUN_SECONDS).write_text(json.dumps(
+            {Path(r["notebook"]).stem: round(r["seconds"]) for r in records}, indent=1) + "\n")
+    return records

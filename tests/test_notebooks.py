@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cleansight_analysis.notebooks import expected_seconds, longest_first
+from cleansight_analysis.notebooks import RUN_SECONDS, expected_seconds, longest_first
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -82,17 +82,21 @@ def test_smoke_run_writes_figures(tmp_path):
     assert (results / "group_mass.csv").is_file() and (results / "manifest.json").is_file()
 
 
-def test_expected_seconds_reads_the_manifests_then_the_last_executed_copy(tmp_path):
-    results, executed = tmp_path / "results", tmp_path / "nb.ipynb"
+def test_expected_seconds_reads_the_manifests_then_the_recorded_run(tmp_path):
+    results = tmp_path / "results"
     results.mkdir()
-    assert expected_seconds(results) == 0.0 and expected_seconds(results, executed) == 0.0  # nothing known
-    executed.write_text(json.dumps({"metadata": {"papermill": {"duration": 12.5}}}))
-    assert expected_seconds(results, executed) == 12.5
+    assert expected_seconds(results) == 0.0  # nothing known
+    assert expected_seconds(results, 12.5) == 12.5  # the last full recompute's record (notebooks/run_seconds.json)
     (results / "a.manifest.json").write_text(json.dumps({"seconds": 30.0}))
     (results / "b.manifest.json").write_text(json.dumps({"seconds": 4.5}))
     (results / "broken.manifest.json").write_text("{not json")
     (results / "table.csv").write_text("seconds\n999\n")  # only manifests count
-    assert expected_seconds(results, executed) == 34.5
+    assert expected_seconds(results, 12.5) == 34.5
+
+
+def test_the_recorded_run_covers_every_notebook():
+    recorded = json.loads((ROOT / "notebooks" / RUN_SECONDS).read_text())
+    assert sorted(recorded) == [p.stem for p in NOTEBOOKS] and all(v >= 0 for v in recorded.values())
 
 
 def test_longest_first_starts_the_longest_and_keeps_ties_in_order():
