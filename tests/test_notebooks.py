@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import cleansight_analysis.notebooks as nbmod
 from cleansight_analysis.notebooks import RUN_SECONDS, expected_seconds, longest_first
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +103,32 @@ def test_the_recorded_run_covers_every_notebook():
 def test_longest_first_starts_the_longest_and_keeps_ties_in_order():
     assert longest_first(["a", "b", "c", "d"], [5.0, 0.0, 60.0, 0.0]) == ["c", "a", "b", "d"]
     assert longest_first(["a", "b"], [0.0, 0.0]) == ["a", "b"]  # nothing known: file order
+
+
+def test_a_full_recompute_records_its_seconds_and_the_next_run_starts_longest_first(tmp_path, monkeypatch):
+    """The scheduler alone (a stand-in executor, no kernels): a full recompute of the default results writes
+    run_seconds.json; the next run, with no manifests left, starts the notebook that took longest."""
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    for name in ("a_short", "b_long", "c_mid"):
+        (nb_dir / f"{name}.ipynb").write_text((ROOT / "notebooks" / "00_quickstart.ipynb").read_text())
+    took = {"a_short.ipynb": 1.0, "b_long.ipynb": 30.0, "c_mid.ipynb": 7.4}
+    started = []
+
+    def fake_execute(path, out, parameters, cwd):
+        started.append(Path(path).name)
+        return {"notebook": Path(path).name, "seconds": took[Path(path).name], "output": out}
+
+    monkeypatch.setattr(nbmod, "_execute", fake_execute)
+    records = nbmod.run_notebooks(nb_dir, tmp_path / "out", recompute=True, log=lambda *a: None)
+    assert [r["notebook"] for r in records] == ["a_short.ipynb", "b_long.ipynb", "c_mid.ipynb"]
+    assert json.loads((nb_dir / RUN_SECONDS).read_text()) == {"a_short": 1, "b_long": 30, "c_mid": 7}
+    costs = [expected_seconds(tmp_path / "data" / "results" / s, nbmod._recorded_seconds(nb_dir).get(s))
+             for s in ("a_short", "b_long", "c_mid")]
+    assert longest_first(["a_short", "b_long", "c_mid"], costs) == ["b_long", "c_mid", "a_short"]
+    # smoke runs, partial runs and cached runs leave the record alone
+    (nb_dir / RUN_SECONDS).write_text("{}")
+    nbmod.run_notebooks(nb_dir, tmp_path / "out", smoke=True, recompute=True, log=lambda *a: None)
+    nbmod.run_notebooks(nb_dir, tmp_path / "out", only=["b_long"], recompute=True, log=lambda *a: None)
+    nbmod.run_notebooks(nb_dir, tmp_path / "out", log=lambda *a: None)
+    assert (nb_dir / RUN_SECONDS).read_text() == "{}"
