@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..attacks import triggered_copy
 from ..data.base import Sample
 from ..models.intervention import NoIntervention, as_intervention
+from .metrics import rate
 from .scoring import attack_success_rate, is_attack_success, mean, target_of, utilities
 
 
@@ -74,8 +75,9 @@ def evaluate_backdoor(model: Any, samples: Sequence[Sample], attack: Any | None,
         trig = triggered_copy(list(samples), attack)
         outs = generate_answers(model, trig, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                 progress=progress, desc="triggered")
-        asr = attack_success_rate(outs, target)
-        asr_by_type = _by_question_type([float(is_attack_success(t, target)) for t in outs], samples)
+        success = [is_attack_success(t, target) for t in outs]  # one test per answer, overall and per type
+        asr = rate(success)
+        asr_by_type = _by_question_type([float(hit) for hit in success], samples)
     return BackdoorReport(acc, asr, ftr, len(samples), round(time.perf_counter() - start, 1),
                           _by_question_type(scores, samples), asr_by_type)
 
