@@ -204,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group() -> None:
+    """After a command that ``accelerate launch`` started in several processes: wait for every process, then
+    close the process group. A process that exits with the group still open (the others still writing their
+    results) can abort at exit ("terminate called without an active exception"), which fails the launch."""
+    import torch.distributed as dist  # here, not at the top: only a launched run gets this far with a group
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Bad input (a value the parser refuses, a :class:`CleanSightError`, a path that
     cannot be read or written) prints one line ``cleansight <command>: error: ...`` and returns 2."""
@@ -212,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     prog = f"cleansight {args.command}"
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        _close_process_group()
+        return code
     except CleanSightError as exc:
         message = " ".join(str(exc).split())   # one line, whatever the message held
         print(f"{prog}: error: {message}", file=sys.stderr)
